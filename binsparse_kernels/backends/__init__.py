@@ -1,0 +1,118 @@
+"""Backend registry: which implementations exist, which load here, and which one ``backend=None`` picks.
+
+Every backend is a module exposing four functions with the signatures of ``backends/reference.py``:
+
+    encode_forward(x, W_enc, b_enc, threshold, k, binary)            -> (values f32 [N,k], indices i64 [N,k])
+    encode_backward(grad_acts, grad_values, values, x, W_enc, indices, mode, temperature,
+                    need_x, need_W, need_b)                         -> (grad_x, grad_W_enc, grad_b_enc)
+    decode_forward(indices, acts, W_dec, b_dec, binary)              -> y [N, d_out] (dtype of acts)
+    decode_backward(grad_y, indices, acts, W_dec, binary, need_acts, need_W) -> (grad_acts, grad_W_dec)
+
+Inputs reach a backend validated and contiguous. A new backend is one module plus one line in
+``_BACKENDS``; callers never change.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+NAMES = ("reference", "cpu", "triton", "cuda")
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def _triton_devices() -> tuple[str, ...]:
+    # Under TRITON_INTERPRET=1 Triton kernels run on CPU tensors (used by CI, which has no GPU).
+    return ("cpu",) if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    module: str
+    devices: Callable[[], tuple[str, ...]]
+
+
+_BACKENDS = {
+    "reference": _Spec("binsparse_kernels.backends.reference", lambda: ("cpu", "cuda", "meta")),
+    "cpu": _Spec("binsparse_kernels.backends.cpu", lambda: ("cpu",)),
+    "triton": _Spec("binsparse_kernels.backends.triton", _triton_devices),
+    "cuda": _Spec("binsparse_kernels.backends.cuda", lambda: ("cuda",)),
+}
+
+# Order in which backend=None tries backends, per device type (fastest measured first).
+_PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+_loaded: dict[str, ModuleType] = {}
+_failed: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+def _load(name: str) -> ModuleType:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _failed:
+        raise BackendUnavailable(_failed[name])
+    try:
+        module = importlib.import_module(_BACKENDS[name].module)
+    except Exception as exc:  # a missing extension or toolchain must not break the import
+        _failed[name] = f"backend {name!r} is unavailable: {type(exc).__name__}: {exc}"
+        raise BackendUnavailable(_failed[name]) from exc
+    _loaded[name] = module
+    return module
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why ``name`` cannot be used here, or ``None`` if it can."""
+    if name not in _BACKENDS:
+        return f"unknown backend {name!r}; choose from {list(NAMES)}"
+    if name == "cuda" and not torch.cuda.is_available():
+        return "backend 'cuda' needs a CUDA GPU, and torch sees none"
+    if name == "triton" and _triton_devices() == ("cuda",) and not torch.cuda.is_available():
+        return "backend 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 to run on the CPU)"
+    try:
+        _load(name)
+    except BackendUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def available_backends() -> list[str]:
+    """The backends usable on this machine, a subset of ``["reference", "cpu", "triton", "cuda"]``."""
+    return [name for name in NAMES if unavailable_reason(name) is None]
+
+
+def get(name: str | None, device: torch.device) -> ModuleType:
+    """The backend module to run on ``device``: ``name`` checked, or the fastest one if ``None``."""
+    if name is None:
+        for candidate in _PREFERENCE.get(device.type, ("reference",)):
+            if device.type in _BACKENDS[candidate].devices() and unavailable_reason(candidate) is None:
+                return _load(candidate)
+            if candidate not in ("reference",) and candidate not in _warned and candidate in _failed:
+                _warned.add(candidate)
+                warnings.warn(f"{_failed[candidate]}; falling back to the next backend", stacklevel=3)
+        return _load("reference")
+    if not isinstance(name, str) or name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from {list(NAMES)} or None")
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise RuntimeError(reason)
+    if device.type not in _BACKENDS[name].devices():
+        raise RuntimeError(
+            f"backend {name!r} runs on {'/'.join(_BACKENDS[name].devices())} tensors, got tensors on {device}"
+        )
+    return _load(name)
+
+
+def resolve_name(name: str | None, device: torch.device) -> str:
+    """The registry name of ``get(name, device)``."""
+    module = get(name, device)
+    return next(n for n, m in _loaded.items() if m is module)

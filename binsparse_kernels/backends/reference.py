@@ -1,0 +1,113 @@
+"""Plain-PyTorch reference backend: the ground truth every other backend is tested against.
+
+Written for readability, not speed. Conventions shared by every backend (see ``backends/__init__.py``):
+
+* The *compute dtype* is the dtype of the activations (``x`` for the encoder, ``acts`` for the
+  decoder). Weights are rounded to it, as a bf16 tensor-core GEMM or autocast would, and all
+  products are accumulated in float32.
+* ``values`` are float32: ``z = x @ W_enc.T + b_enc - theta`` for binary codes and ``ReLU(pre)``
+  for continuous ones, at the selected latents.
+* Gradients for weights come back in float32; the autograd layer casts them to each weight's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Straight-through estimator modes for ``encode_backward``. 0 is the exact gradient of the
+# continuous (ReLU) encoder; the others are the binary encoder's surrogate gradients.
+STE_MODES = {"relu": 0, "sigmoid": 1, "rectangle": 2, "identity": 3}
+
+
+def _rounded(w: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """``w`` rounded to the compute dtype, then widened to float32 for accumulation."""
+    return w.to(compute_dtype).float()
+
+
+def encode_forward(x, W_enc, b_enc, threshold, k: int, binary: bool):
+    """Top-k of the pre-activations per row. Returns ``(values float32 [N,k], indices int64 [N,k])``.
+
+    ``threshold`` is theta = exp(log_threshold) (float32 [M]) for binary codes, ``None`` otherwise.
+    """
+    pre = x.float() @ _rounded(W_enc, x.dtype).T + b_enc.float()
+    if binary:
+        scores = pre - threshold.float()
+    else:
+        scores = torch.relu(pre)
+    values, indices = torch.topk(scores, k, dim=1, sorted=False)
+    return values, indices
+
+
+def ste_factor(values: torch.Tensor, mode: int, temperature: float) -> torch.Tensor:
+    """d(act)/d(value) used by the backward pass, per selected latent (float32 [N,k])."""
+    if mode == STE_MODES["relu"]:
+        return (values > 0).float()
+    if mode == STE_MODES["sigmoid"]:
+        s = torch.sigmoid(values / temperature)
+        return s * (1 - s)  # no 1/T factor: the reference trainer's convention
+    if mode == STE_MODES["rectangle"]:
+        return ((values / temperature).abs() < 0.5).float()
+    if mode == STE_MODES["identity"]:
+        return torch.ones_like(values)
+    raise ValueError(f"unknown STE mode {mode}")
+
+
+def encode_backward(grad_acts, grad_values, values, x, W_enc, indices, mode: int, temperature: float,
+                    need_x: bool, need_W: bool, need_b: bool):
+    """Gradients of the encoder from the gradients of its outputs.
+
+    ``grad_z = grad_acts * ste_factor(values) + grad_values`` at the selected latents (for the
+    continuous encoder acts and values are one tensor, so both flow through the ReLU mask).
+    Returns ``(grad_x, grad_W_enc, grad_b_enc)`` in float32, ``None`` where not needed;
+    ``grad_b_enc[i] = sum of grad_z over the selections of latent i`` (also ``-dL/dtheta``).
+    """
+    factor = ste_factor(values, mode, temperature)
+    if mode == STE_MODES["relu"]:
+        grad_z = (grad_acts.float() + grad_values.float()) * factor
+    else:
+        grad_z = grad_acts.float() * factor + grad_values.float()
+    M = W_enc.shape[0]
+    flat_idx = indices.reshape(-1)
+    flat_gz = grad_z.reshape(-1)
+    grad_x = grad_W = grad_b = None
+    if need_x:
+        W = _rounded(W_enc, x.dtype)
+        grad_x = torch.einsum("nk,nkd->nd", grad_z, W[indices])
+    if need_W:
+        token = torch.arange(x.shape[0], device=x.device).repeat_interleave(indices.shape[1])
+        grad_W = torch.zeros(M, x.shape[1], dtype=torch.float32, device=x.device)
+        grad_W.index_add_(0, flat_idx, flat_gz[:, None] * x.float()[token])
+    if need_b:
+        grad_b = torch.zeros(M, dtype=torch.float32, device=x.device)
+        grad_b.index_add_(0, flat_idx, flat_gz)
+    return grad_x, grad_W, grad_b
+
+
+def decode_forward(indices, acts, W_dec, b_dec, binary: bool):
+    """``y[t] = b_dec + sum_j acts[t,j] * W_dec[indices[t,j]]``, in the dtype of ``acts``.
+
+    For binary codes the products are replaced by a mask: rows with act 1 are summed.
+    """
+    rows = _rounded(W_dec, acts.dtype)[indices]  # [N, k, d_out]
+    if binary:
+        y = (rows * (acts != 0)[..., None]).sum(1)
+    else:
+        y = (rows * acts.float()[..., None]).sum(1)
+    if b_dec is not None:
+        y = y + b_dec.float()
+    return y.to(acts.dtype)
+
+
+def decode_backward(grad_y, indices, acts, W_dec, binary: bool, need_acts: bool, need_W: bool):
+    """Returns ``(grad_acts float32 [N,k], grad_W_dec float32 [M,d_out])``, ``None`` where not needed."""
+    grad_acts = grad_W = None
+    g = grad_y.float()
+    if need_acts:
+        W = _rounded(W_dec, acts.dtype)
+        grad_acts = torch.einsum("nkd,nd->nk", W[indices], g)
+    if need_W:
+        weight = (acts != 0).float() if binary else acts.float()
+        token = torch.arange(g.shape[0], device=g.device).repeat_interleave(indices.shape[1])
+        grad_W = torch.zeros(W_dec.shape, dtype=torch.float32, device=g.device)
+        grad_W.index_add_(0, indices.reshape(-1), weight.reshape(-1, 1) * g[token])
+    return grad_acts, grad_W

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up ./.venv and runs the default training job: a binary and a TopK skip transcoder on
+# SmolLM2-135M layer 9's MLP, offline, then the comparison report. Extra arguments go to
+# `binsparse train` (e.g. --max_tokens 5000000 on a GPU).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/setup_env.sh"
+cd "$ROOT"
+exec .venv/bin/binsparse train "$@"
