@@ -11,7 +11,8 @@ import os
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float64 is accepted for torch.autograd.gradcheck and runs on the reference backend only.
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64,)
 
 

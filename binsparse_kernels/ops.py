@@ -31,6 +31,11 @@ class EncoderOutput(NamedTuple):
     values: Tensor  # [N, k]: z = pre - theta (binary) or ReLU(pre) (continuous)
 
 
+def _acc(t: Tensor) -> torch.dtype:
+    """Accumulation dtype of a computation on ``t``: float32 (float64 for the reference's float64)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     # Custom ops cannot return None: a gradient that was not asked for travels as an empty tensor.
     return t if t is not None else like.new_empty(0)
@@ -46,7 +51,7 @@ def _binary_encode_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: Te
                       ste: str, temperature: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (acts, indices, values in x.dtype, values in float32 for the backward)."""
     impl = _backends.get(backend, x.device)
-    theta = log_threshold.float().exp()
+    theta = log_threshold.to(_acc(x)).exp()
     values, indices = impl.encode_forward(x, W_enc, b_enc, theta, k, True)
     acts = (values > 0).to(x.dtype)
     return acts, indices, values.to(x.dtype, copy=True), values
@@ -56,7 +61,7 @@ def _binary_encode_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: Te
 def _(x, W_enc, b_enc, log_threshold, k, ste, temperature, backend):
     N = x.shape[0]
     return (x.new_empty(N, k), x.new_empty(N, k, dtype=torch.int64), x.new_empty(N, k),
-            x.new_empty(N, k, dtype=torch.float32))
+            x.new_empty(N, k, dtype=_acc(x)))
 
 
 @torch.library.custom_op("binsparse::topk_encode", mutates_args=())
@@ -70,7 +75,7 @@ def _encode_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, backend: str) ->
 @_encode_op.register_fake
 def _(x, W_enc, b_enc, k, backend):
     N = x.shape[0]
-    return x.new_empty(N, k), x.new_empty(N, k, dtype=torch.int64), x.new_empty(N, k, dtype=torch.float32)
+    return x.new_empty(N, k), x.new_empty(N, k, dtype=torch.int64), x.new_empty(N, k, dtype=_acc(x))
 
 
 @torch.library.custom_op("binsparse::encode_backward", mutates_args=())
@@ -86,11 +91,11 @@ def _encode_backward_op(grad_acts: Tensor, grad_values: Tensor, values: Tensor, 
 
 @_encode_backward_op.register_fake
 def _(grad_acts, grad_values, values, x, W_enc, indices, mode, temperature, need_x, need_W, need_b, backend):
-    f32 = torch.float32
+    acc = values.dtype
     empty = values.new_empty(0)
-    return (x.new_empty(x.shape, dtype=f32) if need_x else empty,
-            W_enc.new_empty(W_enc.shape, dtype=f32) if need_W else empty,
-            W_enc.new_empty(W_enc.shape[0], dtype=f32) if need_b else empty)
+    return (x.new_empty(x.shape, dtype=acc) if need_x else empty,
+            W_enc.new_empty(W_enc.shape, dtype=acc) if need_W else empty,
+            W_enc.new_empty(W_enc.shape[0], dtype=acc) if need_b else empty)
 
 
 @torch.library.custom_op("binsparse::sparse_decode", mutates_args=())
@@ -111,15 +116,15 @@ def _decode_backward_op(grad_y: Tensor, indices: Tensor, acts: Tensor, W_dec: Te
     """Returns float32 (grad_acts, grad_W_dec); an empty 1-D tensor where not needed."""
     impl = _backends.get(backend, acts.device)
     grads = impl.decode_backward(grad_y, indices, acts, W_dec, binary, need_acts, need_W)
-    return tuple(_or_empty(g, grad_y.float()) for g in grads)
+    return tuple(_or_empty(g, grad_y.to(_acc(acts))) for g in grads)
 
 
 @_decode_backward_op.register_fake
 def _(grad_y, indices, acts, W_dec, binary, need_acts, need_W, backend):
-    f32 = torch.float32
-    empty = grad_y.new_empty(0, dtype=f32)
-    return (acts.new_empty(acts.shape, dtype=f32) if need_acts else empty,
-            W_dec.new_empty(W_dec.shape, dtype=f32) if need_W else empty)
+    acc = _acc(acts)
+    empty = grad_y.new_empty(0, dtype=acc)
+    return (acts.new_empty(acts.shape, dtype=acc) if need_acts else empty,
+            W_dec.new_empty(W_dec.shape, dtype=acc) if need_W else empty)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +154,7 @@ def _binary_encode_backward(ctx, grad_acts, _grad_indices, grad_values, _grad_va
                                      ctx.temperature, need_x, need_W, need_b or need_t, ctx.backend)
     grad_theta = None
     if need_t:  # dL/dtheta = -sum dL/dz; theta = exp(log_threshold)
-        grad_theta = (-gb * log_threshold.float().exp()).to(log_threshold.dtype)
+        grad_theta = (-gb * log_threshold.to(gb.dtype).exp()).to(log_threshold.dtype)
     return (_cast(gx, x) if need_x else None, _cast(gW, W_enc) if need_W else None,
             _cast(gb, W_enc) if need_b else None, grad_theta, None, None, None, None)
 
@@ -190,7 +195,7 @@ def _decode_backward(ctx, grad_y):
         grad_acts = _cast(ga, acts) if need_acts else None
         grad_W = _cast(gW, W_dec) if need_W else None
     if need_b and ctx.b_dec_dtype is not None:
-        grad_b = grad_y.float().sum(0).to(ctx.b_dec_dtype)
+        grad_b = grad_y.to(_acc(grad_y)).sum(0).to(ctx.b_dec_dtype)
     return None, grad_acts, grad_W, grad_b, None, None
 
 
@@ -238,6 +243,14 @@ class SparseDecode(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
+def _backend_for(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
+    if dtype == torch.float64:  # for gradcheck: only the reference computes in float64
+        if backend not in (None, "reference"):
+            raise TypeError(f"float64 inputs are supported by the 'reference' backend only, not {backend!r}")
+        return "reference"
+    return _backends.resolve_name(backend, device)
+
+
 def _autocast(x: Tensor) -> Tensor:
     device_type = x.device.type
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
@@ -274,7 +287,7 @@ def topk_binary_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: T
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     x = _autocast(x)
     _checks.finite(x=x, b_enc=b_enc, log_threshold=log_threshold)
-    name = _backends.resolve_name(backend, device)
+    name = _backend_for(backend, device, x.dtype)
     x, W_enc, b_enc, log_threshold = (t.contiguous() for t in (x, W_enc, b_enc, log_threshold))
     acts, indices, values, _ = TopKBinaryEncode.apply(x, W_enc, b_enc, log_threshold, k, ste, float(temperature), name)
     return EncoderOutput(acts, indices, values)
@@ -286,7 +299,7 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, *, backend: Opt
     device = _checks.same_device(x=x, W_enc=W_enc, b_enc=b_enc)
     x = _autocast(x)
     _checks.finite(x=x, b_enc=b_enc)
-    name = _backends.resolve_name(backend, device)
+    name = _backend_for(backend, device, x.dtype)
     x, W_enc, b_enc = (t.contiguous() for t in (x, W_enc, b_enc))
     acts, indices, _ = TopKEncode.apply(x, W_enc, b_enc, k, name)
     return EncoderOutput(acts, indices, acts)
@@ -312,6 +325,6 @@ def sparse_decode(indices: Tensor, acts: Tensor, W_dec: Tensor, b_dec: Optional[
     _checks.indices_in_range(indices, W_dec.shape[0])
     if binary:
         _checks.binary_codes(acts)
-    name = _backends.resolve_name(backend, device)
+    name = _backend_for(backend, device, acts.dtype)
     contiguous = [t.contiguous() if t is not None else None for t in (indices, acts, W_dec, b_dec)]
     return SparseDecode.apply(*contiguous, binary, name)

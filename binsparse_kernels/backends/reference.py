@@ -5,7 +5,8 @@ Written for readability, not speed. Conventions shared by every backend (see ``b
 * The *compute dtype* is the dtype of the activations (``x`` for the encoder, ``acts`` for the
   decoder). Weights are rounded to it, as a bf16 tensor-core GEMM or autocast would, and all
   products are accumulated in float32.
-* ``values`` are float32: ``z = x @ W_enc.T + b_enc - theta`` for binary codes and ``ReLU(pre)``
+* ``values`` are float32 (float64 for float64 inputs, which only this backend accepts, for
+  ``torch.autograd.gradcheck``): ``z = x @ W_enc.T + b_enc - theta`` for binary codes and ``ReLU(pre)``
   for continuous ones, at the selected latents.
 * Gradients for weights come back in float32; the autograd layer casts them to each weight's dtype.
 """
@@ -19,9 +20,14 @@ import torch
 STE_MODES = {"relu": 0, "sigmoid": 1, "rectangle": 2, "identity": 3}
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _rounded(w: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
-    """``w`` rounded to the compute dtype, then widened to float32 for accumulation."""
-    return w.to(compute_dtype).float()
+    """``w`` rounded to the compute dtype, then widened to the accumulation dtype."""
+    return w.to(compute_dtype).to(_acc(compute_dtype))
 
 
 def encode_forward(x, W_enc, b_enc, threshold, k: int, binary: bool):
@@ -29,9 +35,10 @@ def encode_forward(x, W_enc, b_enc, threshold, k: int, binary: bool):
 
     ``threshold`` is theta = exp(log_threshold) (float32 [M]) for binary codes, ``None`` otherwise.
     """
-    pre = x.float() @ _rounded(W_enc, x.dtype).T + b_enc.float()
+    acc = _acc(x.dtype)
+    pre = x.to(acc) @ _rounded(W_enc, x.dtype).T + b_enc.to(acc)
     if binary:
-        scores = pre - threshold.float()
+        scores = pre - threshold.to(acc)
     else:
         scores = torch.relu(pre)
     values, indices = torch.topk(scores, k, dim=1, sorted=False)
@@ -41,12 +48,12 @@ def encode_forward(x, W_enc, b_enc, threshold, k: int, binary: bool):
 def ste_factor(values: torch.Tensor, mode: int, temperature: float) -> torch.Tensor:
     """d(act)/d(value) used by the backward pass, per selected latent (float32 [N,k])."""
     if mode == STE_MODES["relu"]:
-        return (values > 0).float()
+        return (values > 0).to(values.dtype)
     if mode == STE_MODES["sigmoid"]:
         s = torch.sigmoid(values / temperature)
         return s * (1 - s)  # no 1/T factor: the reference trainer's convention
     if mode == STE_MODES["rectangle"]:
-        return ((values / temperature).abs() < 0.5).float()
+        return ((values / temperature).abs() < 0.5).to(values.dtype)
     if mode == STE_MODES["identity"]:
         return torch.ones_like(values)
     raise ValueError(f"unknown STE mode {mode}")
@@ -61,11 +68,12 @@ def encode_backward(grad_acts, grad_values, values, x, W_enc, indices, mode: int
     Returns ``(grad_x, grad_W_enc, grad_b_enc)`` in float32, ``None`` where not needed;
     ``grad_b_enc[i] = sum of grad_z over the selections of latent i`` (also ``-dL/dtheta``).
     """
+    acc = values.dtype
     factor = ste_factor(values, mode, temperature)
     if mode == STE_MODES["relu"]:
-        grad_z = (grad_acts.float() + grad_values.float()) * factor
+        grad_z = (grad_acts.to(acc) + grad_values.to(acc)) * factor
     else:
-        grad_z = grad_acts.float() * factor + grad_values.float()
+        grad_z = grad_acts.to(acc) * factor + grad_values.to(acc)
     M = W_enc.shape[0]
     flat_idx = indices.reshape(-1)
     flat_gz = grad_z.reshape(-1)
@@ -75,10 +83,10 @@ def encode_backward(grad_acts, grad_values, values, x, W_enc, indices, mode: int
         grad_x = torch.einsum("nk,nkd->nd", grad_z, W[indices])
     if need_W:
         token = torch.arange(x.shape[0], device=x.device).repeat_interleave(indices.shape[1])
-        grad_W = torch.zeros(M, x.shape[1], dtype=torch.float32, device=x.device)
-        grad_W.index_add_(0, flat_idx, flat_gz[:, None] * x.float()[token])
+        grad_W = torch.zeros(M, x.shape[1], dtype=acc, device=x.device)
+        grad_W.index_add_(0, flat_idx, flat_gz[:, None] * x.to(acc)[token])
     if need_b:
-        grad_b = torch.zeros(M, dtype=torch.float32, device=x.device)
+        grad_b = torch.zeros(M, dtype=acc, device=x.device)
         grad_b.index_add_(0, flat_idx, flat_gz)
     return grad_x, grad_W, grad_b
 
@@ -88,26 +96,28 @@ def decode_forward(indices, acts, W_dec, b_dec, binary: bool):
 
     For binary codes the products are replaced by a mask: rows with act 1 are summed.
     """
+    acc = _acc(acts.dtype)
     rows = _rounded(W_dec, acts.dtype)[indices]  # [N, k, d_out]
     if binary:
         y = (rows * (acts != 0)[..., None]).sum(1)
     else:
-        y = (rows * acts.float()[..., None]).sum(1)
+        y = (rows * acts.to(acc)[..., None]).sum(1)
     if b_dec is not None:
-        y = y + b_dec.float()
+        y = y + b_dec.to(acc)
     return y.to(acts.dtype)
 
 
 def decode_backward(grad_y, indices, acts, W_dec, binary: bool, need_acts: bool, need_W: bool):
-    """Returns ``(grad_acts float32 [N,k], grad_W_dec float32 [M,d_out])``, ``None`` where not needed."""
+    """Returns ``(grad_acts [N,k], grad_W_dec [M,d_out])`` (float32), ``None`` where not needed."""
     grad_acts = grad_W = None
-    g = grad_y.float()
+    acc = _acc(acts.dtype)
+    g = grad_y.to(acc)
     if need_acts:
         W = _rounded(W_dec, acts.dtype)
         grad_acts = torch.einsum("nkd,nd->nk", W[indices], g)
     if need_W:
-        weight = (acts != 0).float() if binary else acts.float()
+        weight = (acts != 0).to(acc) if binary else acts.to(acc)
         token = torch.arange(g.shape[0], device=g.device).repeat_interleave(indices.shape[1])
-        grad_W = torch.zeros(W_dec.shape, dtype=torch.float32, device=g.device)
+        grad_W = torch.zeros(W_dec.shape, dtype=acc, device=g.device)
         grad_W.index_add_(0, indices.reshape(-1), weight.reshape(-1, 1) * g[token])
     return grad_acts, grad_W
