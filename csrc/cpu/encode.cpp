@@ -1,0 +1,244 @@
+// Encoder: chunked GEMM + exact per-row top-k (forward), sparse straight-through backward.
+#include "common.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace binsparse_cpu {
+namespace {
+
+// Latents per GEMM chunk, and the most scores held at once (rows per block = kScratch / chunk).
+constexpr int64_t kChunk = 4096;
+constexpr int64_t kScratch = int64_t(1) << 22;  // 16 MiB of fp32 scores
+
+// The running top-k of a row is a binary min-heap on (value, -index): the root is the entry that
+// the next better score replaces. Among equal values the lowest index is kept.
+inline bool worse(float va, int64_t ia, float vb, int64_t ib) { return va < vb || (va == vb && ia > ib); }
+
+void sift_down(float* v, int64_t* ix, int64_t k, int64_t pos) {
+  const float pv = v[pos];
+  const int64_t pi = ix[pos];
+  while (true) {
+    int64_t child = 2 * pos + 1;
+    if (child >= k) break;
+    if (child + 1 < k && worse(v[child + 1], ix[child + 1], v[child], ix[child])) ++child;
+    if (!worse(v[child], ix[child], pv, pi)) break;
+    v[pos] = v[child];
+    ix[pos] = ix[child];
+    pos = child;
+  }
+  v[pos] = pv;
+  ix[pos] = pi;
+}
+
+// Merges scores s[0..n) of latents col0..col0+n into a row's running top-k (v, ix). Columns
+// arrive in increasing order, so the first k fill the heap and later ones enter only when they
+// are strictly greater than the root: an equal value has a larger index and loses the tie.
+void merge_row(const float* s, int64_t n, int64_t col0, float* v, int64_t* ix, int64_t k) {
+  int64_t j = 0;
+  for (; j < n && col0 + j < k; ++j) {
+    v[col0 + j] = s[j];
+    ix[col0 + j] = col0 + j;
+    if (col0 + j == k - 1)
+      for (int64_t p = k / 2 - 1; p >= 0; --p) sift_down(v, ix, k, p);
+  }
+  if (j == n) return;
+  float root = v[0];
+  for (; j < n; ++j) {
+    if (s[j] > root) {
+      v[0] = s[j];
+      ix[0] = col0 + j;
+      sift_down(v, ix, k, 0);
+      root = v[0];
+    }
+  }
+}
+
+// Final order of a row: values descending, ties by increasing index (any order is valid; a
+// fixed one makes the output reproducible).
+void sort_row(float* v, int64_t* ix, int64_t k, std::vector<std::pair<float, int64_t>>& tmp) {
+  tmp.resize(k);
+  for (int64_t j = 0; j < k; ++j) tmp[j] = {v[j], ix[j]};
+  std::sort(tmp.begin(), tmp.end(), [](const auto& a, const auto& b) { return worse(b.first, b.second, a.first, a.second); });
+  for (int64_t j = 0; j < k; ++j) {
+    v[j] = tmp[j].first;
+    ix[j] = tmp[j].second;
+  }
+}
+
+// d(act)/d(value) of reference.ste_factor. Modes: 0 relu, 1 sigmoid, 2 rectangle, 3 identity.
+inline float grad_z(float ga, float gv, float v, int64_t mode, float inv_t) {
+  switch (mode) {
+    case 0: return (ga + gv) * (v > 0.f ? 1.f : 0.f);
+    case 1: {
+      const float s = 1.f / (1.f + std::exp(-(v * inv_t)));
+      return ga * (s * (1.f - s)) + gv;
+    }
+    case 2: return ga * (std::fabs(v * inv_t) < 0.5f ? 1.f : 0.f) + gv;
+    default: return ga * 1.f + gv;
+  }
+}
+
+template <typename C, typename W>
+void grad_x_kernel(const float* gz, const int64_t* idx, const W* Wp, float* gx, int64_t N, int64_t k, int64_t d) {
+  at::parallel_for(0, N, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(d);
+    for (int64_t t = t0; t < t1; ++t) {
+      float* out = gx + t * d;
+      std::fill(out, out + d, 0.f);
+      for (int64_t j = 0; j < k; ++j) {
+        const float g = gz[t * k + j];
+        vec_axpy(g, row_as_float<C>(Wp + idx[t * k + j] * d, d, buf.data()), out, d);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> encode_forward(const Tensor& x_in, const Tensor& W_in, const Tensor& b_in,
+                                          const std::optional<Tensor>& threshold, int64_t k, bool binary) {
+  check_float(x_in, "x");
+  check_float(W_in, "W_enc");
+  check_float(b_in, "b_enc");
+  check_ndim(x_in, "x", 2);
+  check_ndim(W_in, "W_enc", 2);
+  const int64_t N = x_in.size(0), d = x_in.size(1), M = W_in.size(0);
+  check_shape(W_in, "W_enc", {M, d});
+  check_shape(b_in, "b_enc", {M});
+  TORCH_CHECK(k >= 1 && k <= M, "k must be in [1, ", M, "] (the number of latents), got ", k);
+  TORCH_CHECK(binary == threshold.has_value(),
+              binary ? "binary encode needs a threshold" : "continuous encode takes no threshold");
+  Tensor t_f;
+  if (binary) {
+    check_float(*threshold, "threshold");
+    check_shape(*threshold, "threshold", {M});
+    t_f = threshold->to(at::kFloat).contiguous();
+  }
+
+  const auto compute = x_in.scalar_type();
+  const Tensor x = x_in.to(at::kFloat).contiguous();
+  const Tensor W = W_in.contiguous();
+  const Tensor b_f = b_in.to(at::kFloat).contiguous();
+  Tensor values = at::empty({N, k}, x.options());
+  Tensor indices = at::empty({N, k}, x.options().dtype(at::kLong));
+  if (N == 0) return {values, indices};
+
+  const int64_t chunk = std::min(M, kChunk);
+  const int64_t rows = std::min(N, std::max<int64_t>(1, kScratch / chunk));
+  Tensor scratch = at::empty({rows * chunk}, x.options());
+  float* vals = values.data_ptr<float>();
+  int64_t* ixs = indices.data_ptr<int64_t>();
+  const float* bp = b_f.data_ptr<float>();
+  const float* tp = binary ? t_f.data_ptr<float>() : nullptr;
+
+  for (int64_t c0 = 0; c0 < M; c0 += chunk) {
+    const int64_t cw = std::min(chunk, M - c0);
+    // Weights rounded to the compute dtype, then fp32 for the GEMM (a no-op for fp32 weights).
+    const Tensor Wc = W.narrow(0, c0, cw).to(compute).to(at::kFloat);
+    for (int64_t r0 = 0; r0 < N; r0 += rows) {
+      const int64_t rw = std::min(rows, N - r0);
+      Tensor S = scratch.narrow(0, 0, rw * cw).view({rw, cw});
+      at::mm_out(S, x.narrow(0, r0, rw), Wc.t());
+      float* sp = S.data_ptr<float>();
+      at::parallel_for(0, rw, 8, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          float* s = sp + i * cw;
+          // Same two roundings as the reference: pre = acc + b, then pre - theta or ReLU(pre).
+          if (binary) {
+            for (int64_t j = 0; j < cw; ++j) s[j] = (s[j] + bp[c0 + j]) - tp[c0 + j];
+          } else {
+            for (int64_t j = 0; j < cw; ++j) s[j] = std::max(s[j] + bp[c0 + j], 0.f);
+          }
+          merge_row(s, cw, c0, vals + (r0 + i) * k, ixs + (r0 + i) * k, k);
+        }
+      });
+    }
+  }
+  at::parallel_for(0, N, 64, [&](int64_t t0, int64_t t1) {
+    std::vector<std::pair<float, int64_t>> tmp;
+    for (int64_t t = t0; t < t1; ++t) sort_row(vals + t * k, ixs + t * k, k, tmp);
+  });
+  return {values, indices};
+}
+
+std::tuple<Tensor, Tensor, Tensor> encode_backward(const Tensor& grad_acts_in, const Tensor& grad_values_in,
+                                                   const Tensor& values_in, const Tensor& x_in, const Tensor& W_in,
+                                                   const Tensor& indices_in, int64_t mode, double temperature,
+                                                   bool need_x, bool need_W, bool need_b) {
+  check_float(grad_acts_in, "grad_acts");
+  check_float(grad_values_in, "grad_values");
+  check_float(values_in, "values");
+  check_float(x_in, "x");
+  check_float(W_in, "W_enc");
+  check_index(indices_in, "indices");
+  check_ndim(x_in, "x", 2);
+  check_ndim(W_in, "W_enc", 2);
+  check_ndim(indices_in, "indices", 2);
+  const int64_t N = x_in.size(0), d = x_in.size(1), M = W_in.size(0), k = indices_in.size(1);
+  check_shape(W_in, "W_enc", {M, d});
+  check_shape(indices_in, "indices", {N, k});
+  check_shape(values_in, "values", {N, k});
+  check_shape(grad_acts_in, "grad_acts", {N, k});
+  check_shape(grad_values_in, "grad_values", {N, k});
+  TORCH_CHECK(mode >= 0 && mode <= 3, "mode must be 0 (relu), 1 (sigmoid), 2 (rectangle) or 3 (identity), got ", mode);
+  TORCH_CHECK(!(mode == 1 || mode == 2) || (temperature > 0 && std::isfinite(temperature)),
+              "temperature must be a positive finite number, got ", temperature);
+
+  const Tensor indices = indices_in.contiguous();
+  check_indices_in_range(indices, M, "indices");
+  const Tensor ga = grad_acts_in.to(at::kFloat).contiguous();
+  const Tensor gv = grad_values_in.to(at::kFloat).contiguous();
+  const Tensor v = values_in.to(at::kFloat).contiguous();
+  const auto f32 = x_in.options().dtype(at::kFloat);
+
+  // grad_z at every selected (token, slot).
+  Tensor gz = at::empty({N, k}, f32);
+  {
+    const float *gap = ga.data_ptr<float>(), *gvp = gv.data_ptr<float>(), *vp = v.data_ptr<float>();
+    float* gzp = gz.data_ptr<float>();
+    const float inv_t = static_cast<float>(1.0 / temperature);
+    at::parallel_for(0, N * k, 4096, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) gzp[p] = grad_z(gap[p], gvp[p], vp[p], mode, inv_t);
+    });
+  }
+  const float* gzp = gz.data_ptr<float>();
+  const int64_t* idx = indices.data_ptr<int64_t>();
+
+  Tensor grad_x = at::empty({0}, f32), grad_W = at::empty({0}, f32), grad_b = at::empty({0}, f32);
+  if (need_x) {
+    grad_x = at::empty({N, d}, f32);
+    const Tensor W = W_in.contiguous();
+    dispatch_float(W.scalar_type(), "W_enc", [&](auto w_tag) {
+      using W_t = decltype(w_tag);
+      dispatch_float(x_in.scalar_type(), "x", [&](auto c_tag) {
+        using C_t = decltype(c_tag);
+        grad_x_kernel<C_t, W_t>(gzp, idx, W.data_ptr<W_t>(), grad_x.data_ptr<float>(), N, k, d);
+      });
+    });
+  }
+  if (need_W) {
+    grad_W = at::empty({M, d}, f32);
+    const Tensor x = x_in.to(at::kFloat).contiguous();
+    const float* xp = x.data_ptr<float>();
+    float* gWp = grad_W.data_ptr<float>();
+    const LatentBuckets buckets = bucket_by_latent(idx, N * k, M);
+    parallel_over_latents(buckets, M, [&](int64_t i) {
+      float* out = gWp + i * d;
+      std::fill(out, out + d, 0.f);
+      for (int64_t q = buckets.offsets[i]; q < buckets.offsets[i + 1]; ++q) {
+        const int64_t p = buckets.order[q];
+        vec_axpy(gzp[p], xp + (p / k) * d, out, d);
+      }
+    });
+  }
+  if (need_b) {
+    // Sequential in (token, slot) order: the same order the per-latent buckets would use.
+    grad_b = at::zeros({M}, f32);
+    float* gbp = grad_b.data_ptr<float>();
+    for (int64_t p = 0; p < N * k; ++p) gbp[idx[p]] += gzp[p];
+  }
+  return {grad_x, grad_W, grad_b};
+}
+
+}  // namespace binsparse_cpu
