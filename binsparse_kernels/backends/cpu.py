@@ -37,11 +37,11 @@ def _(x, W_enc, b_enc, threshold, k, binary):
 
 @torch.library.register_fake("binsparse::cpu_encode_backward")
 def _(grad_acts, grad_values, values, x, W_enc, indices, mode, temperature, need_x, need_W, need_b):
+    # A fresh empty tensor per skipped output: outputs must not alias each other.
     f32 = torch.float32
-    empty = x.new_empty(0, dtype=f32)
-    return (x.new_empty(x.shape, dtype=f32) if need_x else empty,
-            W_enc.new_empty(W_enc.shape, dtype=f32) if need_W else empty,
-            W_enc.new_empty(W_enc.shape[0], dtype=f32) if need_b else empty)
+    return (x.new_empty(x.shape if need_x else 0, dtype=f32),
+            W_enc.new_empty(W_enc.shape if need_W else 0, dtype=f32),
+            W_enc.new_empty(W_enc.shape[0] if need_b else 0, dtype=f32))
 
 
 @torch.library.register_fake("binsparse::cpu_decode_forward")
@@ -52,9 +52,8 @@ def _(indices, acts, W_dec, b_dec, binary):
 @torch.library.register_fake("binsparse::cpu_decode_backward")
 def _(grad_y, indices, acts, W_dec, binary, need_acts, need_W):
     f32 = torch.float32
-    empty = grad_y.new_empty(0, dtype=f32)
-    return (acts.new_empty(acts.shape, dtype=f32) if need_acts else empty,
-            W_dec.new_empty(W_dec.shape, dtype=f32) if need_W else empty)
+    return (acts.new_empty(acts.shape if need_acts else 0, dtype=f32),
+            W_dec.new_empty(W_dec.shape if need_W else 0, dtype=f32))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -67,14 +67,14 @@ void sort_row(float* v, int64_t* ix, int64_t k, std::vector<std::pair<float, int
 }
 
 // d(act)/d(value) of reference.ste_factor. Modes: 0 relu, 1 sigmoid, 2 rectangle, 3 identity.
-inline float grad_z(float ga, float gv, float v, int64_t mode, float inv_t) {
+inline float grad_z(float ga, float gv, float v, int64_t mode, float t) {
   switch (mode) {
     case 0: return (ga + gv) * (v > 0.f ? 1.f : 0.f);
     case 1: {
-      const float s = 1.f / (1.f + std::exp(-(v * inv_t)));
+      const float s = 1.f / (1.f + std::exp(-(v / t)));
       return ga * (s * (1.f - s)) + gv;
     }
-    case 2: return ga * (std::fabs(v * inv_t) < 0.5f ? 1.f : 0.f) + gv;
+    case 2: return ga * (std::fabs(v / t) < 0.5f ? 1.f : 0.f) + gv;
     default: return ga * 1.f + gv;
   }
 }
@@ -197,9 +197,9 @@ std::tuple<Tensor, Tensor, Tensor> encode_backward(const Tensor& grad_acts_in, c
   {
     const float *gap = ga.data_ptr<float>(), *gvp = gv.data_ptr<float>(), *vp = v.data_ptr<float>();
     float* gzp = gz.data_ptr<float>();
-    const float inv_t = static_cast<float>(1.0 / temperature);
+    const float t = static_cast<float>(temperature);
     at::parallel_for(0, N * k, 4096, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) gzp[p] = grad_z(gap[p], gvp[p], vp[p], mode, inv_t);
+      for (int64_t p = p0; p < p1; ++p) gzp[p] = grad_z(gap[p], gvp[p], vp[p], mode, t);
     });
   }
   const float* gzp = gz.data_ptr<float>();

@@ -1,0 +1,378 @@
+"""The compiled CPU backend (``backend="cpu"``, csrc/cpu) against the reference backend.
+
+Values through the public API (top-k compared as sets per row, or by value where ties are
+possible), gradients of every input, fp32/bf16/fp16, odd sizes, k = 1 and k = M, transcoder shapes,
+non-contiguous inputs, N = 0, exact tie-breaking, determinism, opcheck on the cpu_* ops, and bad
+calls straight through torch.ops.binsparse.cpu_*.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import binsparse_kernels as bk
+
+if "cpu" not in bk.available_backends():
+    pytest.skip("the CPU extension binsparse_kernels._C is not built", allow_module_level=True)
+
+from binsparse_kernels.backends import cpu as cpu_backend  # noqa: E402
+from binsparse_kernels.backends import reference  # noqa: E402
+
+ops = torch.ops.binsparse
+
+# (N, d_in, M, d_out, k): odd sizes, k = 1, k = M, a transcoder (d_out != d_in), M above the
+# kernel's 4096-latent GEMM chunk (so the running top-k is merged across chunks).
+SHAPES = [
+    (37, 19, 53, 19, 5),
+    (16, 8, 40, 24, 1),
+    (9, 7, 13, 7, 13),
+    (5, 6, 4100, 11, 33),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+       torch.float16: dict(atol=5e-3, rtol=5e-3)}
+
+
+def params(N, d_in, M, d_out, *, x_dtype=torch.float32, w_dtype=torch.float32, threshold=0.004):
+    return {
+        "x": torch.randn(N, d_in).to(x_dtype),
+        "W_enc": ((torch.rand(M, d_in) * 2 - 1) / math.sqrt(d_in)).to(w_dtype),
+        "b_enc": (torch.randn(M) * 0.1).to(w_dtype),
+        "log_threshold": (torch.full((M,), math.log(threshold)) + torch.randn(M) * 0.1).to(w_dtype),
+        "W_dec": (torch.randn(M, d_out) / math.sqrt(d_out)).to(w_dtype),
+        "b_dec": (torch.randn(d_out) * 0.1).to(w_dtype),
+    }
+
+
+def scores(p, binary):
+    """Exact fp32 scores the encoder selects from (weights rounded to x's dtype)."""
+    x = p["x"]
+    pre = x.float() @ p["W_enc"].to(x.dtype).float().T + p["b_enc"].float()
+    return pre - p["log_threshold"].float().exp() if binary else torch.relu(pre)
+
+
+def encode(p, k, backend, *, binary=True, ste="sigmoid", temperature=2.0):
+    if binary:
+        return bk.topk_binary_encode(p["x"], p["W_enc"], p["b_enc"], p["log_threshold"], k, ste=ste,
+                                     temperature=temperature, backend=backend)
+    return bk.topk_encode(p["x"], p["W_enc"], p["b_enc"], k, backend=backend)
+
+
+def assert_same_selection(z, ref, got, k, tol):
+    """Same top-k as the reference: equal sorted values per row, and equal index sets on every row
+    whose k-th and (k+1)-th scores are not (near) tied."""
+    torch.testing.assert_close(got.values.float().sort(1).values, ref.values.float().sort(1).values, **tol)
+    assert torch.equal(got.values.float(), z.gather(1, got.indices).to(got.values.dtype).float())
+    ids = got.indices.sort(1).values
+    assert (ids[:, 1:] != ids[:, :-1]).all(), "duplicate indices in a row"
+    if k < z.shape[1]:
+        top = z.topk(k + 1, 1).values
+        clear = (top[:, k - 1] - top[:, k]) > 1e-4 * (1 + top[:, k - 1].abs())
+    else:
+        clear = torch.ones(z.shape[0], dtype=torch.bool)
+    assert torch.equal(ids[clear], ref.indices.sort(1).values[clear])
+
+
+def coder_grads(p, k, backend, *, binary, ste="sigmoid", temperature=2.0, with_b_dec=True, upstream):
+    """Gradients of every input of encode + decode, under a loss that also weighs acts and values
+    per (token, latent) so the slot order of each backend does not matter."""
+    leaves = {name: t.detach().clone().requires_grad_(True) for name, t in p.items()}
+    out = encode(leaves, k, backend, binary=binary, ste=ste, temperature=temperature)
+    y = bk.sparse_decode(out.indices, out.acts, leaves["W_dec"], leaves["b_dec"] if with_b_dec else None,
+                         binary=binary, backend=backend)
+    G_acts, G_values, G_y = upstream
+    loss = ((y.float() * G_y).sum() + (out.acts.float() * G_acts.gather(1, out.indices)).sum()
+            + (out.values.float() * G_values.gather(1, out.indices)).sum())
+    names = [n for n in leaves if (binary or n != "log_threshold") and (with_b_dec or n != "b_dec")]
+    grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+    return out, dict(zip(names, grads))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encode forward
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "continuous"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_encode_matches_reference(shape, binary, dtype):
+    N, d_in, M, d_out, k = shape
+    p = params(N, d_in, M, d_out, x_dtype=dtype)
+    ref = encode(p, k, "reference", binary=binary)
+    got = encode(p, k, "cpu", binary=binary)
+    assert got.indices.dtype == torch.int64 and got.acts.dtype == dtype and got.values.dtype == dtype
+    assert_same_selection(scores(p, binary).to(dtype).float(), ref, got, k, TOL[dtype])
+    if binary:
+        assert torch.equal(got.acts, (got.values > 0).to(dtype))
+    else:
+        assert torch.equal(got.acts, got.values)
+
+
+@pytest.mark.parametrize("dtype,eps", [(torch.bfloat16, 2.0**-9), (torch.float16, 2.0**-12)], ids=str)
+def test_weights_of_another_dtype_are_rounded_to_the_activation_dtype(dtype, eps):
+    # W holds 1 + eps (exact in fp32, rounds to 1 in `dtype`) and -1: every op sees the difference.
+    W = torch.tensor([[1.0 + eps, 1.0 + eps], [-1.0, -1.0]])
+    x = torch.ones(1, 2, dtype=dtype)
+    indices, acts = torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=dtype)
+    g2, g1 = torch.ones(1, 2), torch.ones(1, 2, dtype=dtype)
+    for impl in (reference, cpu_backend):
+        values, _ = impl.encode_forward(x, W, torch.zeros(2), None, 1, False)
+        assert values.item() == 2.0
+        grad_x = impl.encode_backward(g2, g2, torch.ones(1, 2), x, W, indices, 3, 1.0, True, False, False)[0]
+        assert torch.equal(grad_x, torch.zeros(1, 2))  # 2 * (1 + 0) rounded rows cancel exactly
+        assert impl.decode_forward(indices, acts, W, None, True).float().abs().max().item() == 0.0
+        grad_acts = impl.decode_backward(g1, indices, acts, W, False, True, False)[0]
+        assert torch.equal(grad_acts, torch.tensor([[2.0, -2.0]]))
+
+
+@pytest.mark.parametrize("M,k", [(10, 3), (5000, 7), (4100, 4100), (4100, 4097)])
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "continuous"])
+def test_ties_go_to_the_lowest_index(M, k, binary):
+    # x = 0, so every score of a row is b - theta (binary) or ReLU(b): many exact ties.
+    b = torch.tensor([1.0, 2.0, 2.0, -1.0, 2.0]).repeat(M // 5 + 1)[:M]
+    x, W = torch.zeros(3, 2), torch.randn(M, 2)
+    theta = torch.full((M,), 0.5)
+    values, indices = ops.cpu_encode_forward(x, W, b, theta if binary else None, k, binary)
+    s = (b - theta) if binary else torch.relu(b)
+    # The expected set: sort by (value desc, index asc) and take the first k.
+    order = sorted(range(M), key=lambda i: (-s[i].item(), i))[:k]
+    for row in range(3):
+        assert sorted(indices[row].tolist()) == sorted(order)
+        assert torch.equal(values[row], s[indices[row]])
+        # rows come back by decreasing value, ties by increasing index
+        assert indices[row].tolist() == order
+
+
+def test_encode_accepts_zero_tokens():
+    p = params(0, 6, 20, 6)
+    for binary in (True, False):
+        ref, got = encode(p, 4, "reference", binary=binary), encode(p, 4, "cpu", binary=binary)
+        assert got.indices.shape == ref.indices.shape == (0, 4)
+    leaves = {n: t.requires_grad_(True) for n, t in p.items()}
+    out = encode(leaves, 4, "cpu")
+    y = bk.sparse_decode(out.indices, out.acts, leaves["W_dec"], leaves["b_dec"], binary=True, backend="cpu")
+    assert y.shape == (0, 6)
+    grads = torch.autograd.grad(y.sum() + out.values.sum(), list(leaves.values()))
+    assert all(g is not None and not g.any() for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients of every input, through the public API
+# ---------------------------------------------------------------------------------------------
+
+GRAD_CASES = [  # (binary, ste, temperature)
+    (True, "sigmoid", 2.0),
+    (True, "sigmoid", 0.5),
+    (True, "rectangle", 2.0),
+    (True, "rectangle", 0.3),
+    (True, "identity", 2.0),
+    (False, None, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "continuous" if not c[0] else f"{c[1]}-T{c[2]}")
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
+def test_gradients_match_reference(shape, case, dtype):
+    binary, ste, temperature = case
+    N, d_in, M, d_out, k = shape
+    # bf16: bf16 activations with fp32 master weights, as under autocast.
+    p = params(N, d_in, M, d_out, x_dtype=dtype, threshold=1.2)  # some selected z <= 0
+    upstream = (torch.randn(N, M), torch.randn(N, M), torch.randn(N, d_out))
+    kw = dict(binary=binary, ste=ste or "sigmoid", temperature=temperature or 2.0, upstream=upstream)
+    ref_out, ref = coder_grads(p, k, "reference", **kw)
+    got_out, got = coder_grads(p, k, "cpu", **kw)
+    if binary:
+        assert (got_out.acts == 0).any() and (got_out.acts == 1).any(), "want a mix of 0/1 acts"
+    assert_same_selection(scores(p, binary).to(dtype).float(), ref_out, got_out, k, TOL[dtype])
+    assert ref.keys() == got.keys()
+    for name in ref:
+        assert got[name].dtype == p[name].dtype, name
+        torch.testing.assert_close(got[name].float(), ref[name].float(), **TOL[dtype], msg=name)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "continuous"])
+def test_gradients_without_b_dec_and_with_a_transcoder_shape(binary):
+    p = params(29, 10, 45, 17)
+    upstream = (torch.randn(29, 45), torch.randn(29, 45), torch.randn(29, 17))
+    _, ref = coder_grads(p, 6, "reference", binary=binary, with_b_dec=False, upstream=upstream)
+    _, got = coder_grads(p, 6, "cpu", binary=binary, with_b_dec=False, upstream=upstream)
+    assert "b_dec" not in got
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], **TOL[torch.float32], msg=name)
+
+
+def test_gradients_with_an_ultra_high_frequency_latent():
+    # Latent 3 wins on every token: one large bucket in the CSR transpose.
+    p = params(300, 12, 64, 12)
+    p["b_enc"][3] = 50.0
+    upstream = (torch.randn(300, 64), torch.randn(300, 64), torch.randn(300, 12))
+    out, ref = coder_grads(p, 4, "reference", binary=True, upstream=upstream)
+    assert (out.indices == 3).any(1).all()
+    _, got = coder_grads(p, 4, "cpu", binary=True, upstream=upstream)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode and its backward, directly
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16], ids=lambda t: "W_" + str(t)[6:])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "continuous"])
+@pytest.mark.parametrize("with_b_dec", [True, False], ids=["b_dec", "no_b_dec"])
+def test_decode_matches_reference(with_b_dec, binary, dtype, w_dtype):
+    N, k, M, d = 23, 7, 41, 13
+    indices = torch.rand(N, M).argsort(1)[:, :k]
+    acts = ((torch.rand(N, k) > 0.3).to(dtype) if binary else torch.randn(N, k).to(dtype)).requires_grad_(True)
+    W = torch.randn(M, d).to(w_dtype).requires_grad_(True)
+    b = (torch.randn(d).to(w_dtype).requires_grad_(True)) if with_b_dec else None
+    g = torch.randn(N, d).to(dtype)
+    results = {}
+    for backend in ("reference", "cpu"):
+        y = bk.sparse_decode(indices, acts, W, b, binary=binary, backend=backend)
+        inputs = [acts, W] + ([b] if with_b_dec else [])
+        results[backend] = (y, *torch.autograd.grad(y, inputs, g))
+    for ref, got in zip(results["reference"], results["cpu"]):
+        assert got.dtype == ref.dtype
+        torch.testing.assert_close(got, ref, **TOL[dtype])
+
+
+def test_decode_backward_skips_what_is_not_needed():
+    indices, acts, W = torch.randint(0, 9, (4, 3)), torch.rand(4, 3), torch.randn(9, 5)
+    g = torch.randn(4, 5)
+    assert cpu_backend.decode_backward(g, indices, acts, W, False, True, False)[1] is None
+    assert cpu_backend.decode_backward(g, indices, acts, W, False, False, True)[0] is None
+    out = cpu_backend.encode_backward(acts, acts, acts, torch.randn(4, 2), torch.randn(9, 2), indices, 1, 2.0,
+                                      False, True, False)
+    assert out[0] is None and out[1].shape == (9, 2) and out[2] is None
+    # duplicate indices in a row (never produced by the encoder) still sum correctly
+    dup = torch.tensor([[1, 1, 2]] * 4)
+    ref = reference.decode_backward(g, dup, acts, W, False, True, True)
+    got = cpu_backend.decode_backward(g, dup, acts, W, False, True, True)
+    for r, c in zip(ref, got):
+        torch.testing.assert_close(c, r)
+
+
+def test_non_contiguous_inputs():
+    x_t = torch.randn(9, 17).T  # transposed views and strided slices
+    W_enc = torch.randn(9, 31).T
+    b_enc = torch.randn(62)[::2]
+    theta = torch.rand(31)
+    W_dec = torch.randn(31, 18)[:, ::2]
+    assert not any(t.is_contiguous() for t in (x_t, W_enc, b_enc, W_dec))
+    # straight through the ops
+    ref_v, ref_i = reference.encode_forward(x_t.contiguous(), W_enc.contiguous(), b_enc.contiguous(), theta, 5, True)
+    v, i = ops.cpu_encode_forward(x_t, W_enc, b_enc, theta, 5, True)
+    assert torch.equal(i.sort(1).values, ref_i.sort(1).values)
+    acts = (v > 0).float()
+    ref_y = reference.decode_forward(i, acts, W_dec.contiguous(), None, True)
+    torch.testing.assert_close(ops.cpu_decode_forward(i.T.contiguous().T, acts.T.contiguous().T, W_dec, None, True),
+                               ref_y)
+    # and through the public API, with gradients (w.r.t. the tensors the views come from)
+    bases = [torch.randn(9, 17, requires_grad=True), torch.randn(9, 31, requires_grad=True),
+             torch.randn(31, 18, requires_grad=True)]
+    grads = {}
+    for backend in ("reference", "cpu"):
+        x_v, W_v, Wd_v = bases[0].T, bases[1].T, bases[2][:, ::2]
+        assert not any(t.is_contiguous() for t in (x_v, W_v, Wd_v))
+        out = bk.topk_encode(x_v, W_v, b_enc, 5, backend=backend)
+        y = bk.sparse_decode(out.indices, out.acts, Wd_v, None, backend=backend)
+        grads[backend] = torch.autograd.grad(y.pow(2).sum(), bases)
+    for r, c in zip(grads["reference"], grads["cpu"]):
+        torch.testing.assert_close(c, r, **TOL[torch.float32])
+
+
+def test_results_are_bitwise_reproducible_and_independent_of_thread_count():
+    # The sparse kernels split work by token or by latent bucket, never inside a sum, so the thread
+    # count cannot change a result. (The encoder's GEMM is MKL's, so it is only run twice.)
+    p = params(200, 24, 300, 24)
+    theta = p["log_threshold"].exp()
+    values, indices = ops.cpu_encode_forward(p["x"], p["W_enc"], p["b_enc"], theta, 8, True)
+    again = ops.cpu_encode_forward(p["x"], p["W_enc"], p["b_enc"], theta, 8, True)
+    assert torch.equal(values, again[0]) and torch.equal(indices, again[1])
+    acts, g, gy = (values > 0).float(), torch.randn(200, 8), torch.randn(200, 24)
+
+    def sparse_ops():
+        return (*ops.cpu_encode_backward(g, g, values, p["x"], p["W_enc"], indices, 1, 2.0, True, True, True),
+                ops.cpu_decode_forward(indices, acts, p["W_dec"], p["b_dec"], True),
+                *ops.cpu_decode_backward(gy, indices, acts, p["W_dec"], True, True, True),
+                *ops.cpu_decode_backward(gy, indices, g, p["W_dec"], False, True, True))
+
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (threads, 1, threads, 3):
+            torch.set_num_threads(n)
+            runs.append(sparse_ops())
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops themselves: opcheck, and bad calls that must raise, never crash
+# ---------------------------------------------------------------------------------------------
+
+
+def test_opcheck_cpu_ops():
+    x, W, b, t = torch.randn(7, 5), torch.randn(12, 5), torch.randn(12), torch.rand(12)
+    for binary in (True, False):
+        torch.library.opcheck(ops.cpu_encode_forward, (x, W, b, t if binary else None, 3, binary))
+    values, idx = ops.cpu_encode_forward(x, W, b, t, 3, True)
+    g = torch.randn(7, 3)
+    for mode, need in [(1, (True, True, True)), (0, (False, True, False)), (3, (True, False, True))]:
+        torch.library.opcheck(ops.cpu_encode_backward, (g, g, values, x, W, idx, mode, 2.0, *need))
+    Wd, bd, acts = torch.randn(12, 4), torch.randn(4), (values > 0).float()
+    for binary in (True, False):
+        torch.library.opcheck(ops.cpu_decode_forward, (idx, acts, Wd, bd, binary))
+        torch.library.opcheck(ops.cpu_decode_forward, (idx, acts.bfloat16(), Wd, None, binary))
+        for need in [(True, True), (True, False), (False, True)]:
+            torch.library.opcheck(ops.cpu_decode_backward, (torch.randn(7, 4), idx, acts, Wd, binary, *need))
+
+
+def _bad_calls():
+    x, W, b, t = torch.randn(3, 4), torch.randn(10, 4), torch.zeros(10), torch.ones(10)
+    idx, acts, g = torch.zeros(3, 2, dtype=torch.int64), torch.ones(3, 2), torch.randn(3, 2)
+    Wd, gy = torch.randn(10, 5), torch.randn(3, 5)
+    enc_b = ops.cpu_encode_backward
+    return {
+        "encode x 3-D": (lambda: ops.cpu_encode_forward(x[None], W, b, t, 2, True), "x must be 2-D"),
+        "encode d mismatch": (lambda: ops.cpu_encode_forward(torch.randn(3, 5), W, b, t, 2, True), "W_enc"),
+        "encode b shape": (lambda: ops.cpu_encode_forward(x, W, torch.zeros(9), t, 2, True), "b_enc"),
+        "encode threshold shape": (lambda: ops.cpu_encode_forward(x, W, b, torch.ones(3), 2, True), "threshold"),
+        "encode k too big": (lambda: ops.cpu_encode_forward(x, W, b, t, 11, True), "k must be in"),
+        "encode k zero": (lambda: ops.cpu_encode_forward(x, W, b, t, 0, True), "k must be in"),
+        "encode binary no threshold": (lambda: ops.cpu_encode_forward(x, W, b, None, 2, True), "threshold"),
+        "encode int x": (lambda: ops.cpu_encode_forward(x.long(), W, b, t, 2, True), "float32, bfloat16"),
+        "encode float64 W": (lambda: ops.cpu_encode_forward(x, W.double(), b, t, 2, True), "W_enc"),
+        "enc bwd index range": (lambda: enc_b(g, g, g, x, W, idx + 10, 1, 2.0, True, True, True), "indices must lie"),
+        "enc bwd negative index": (lambda: enc_b(g, g, g, x, W, idx - 1, 1, 2.0, True, True, True), "indices"),
+        "enc bwd int32 indices": (lambda: enc_b(g, g, g, x, W, idx.int(), 1, 2.0, True, True, True), "int64"),
+        "enc bwd grad shape": (lambda: enc_b(g[:, :1], g, g, x, W, idx, 1, 2.0, True, True, True), "grad_acts"),
+        "enc bwd mode": (lambda: enc_b(g, g, g, x, W, idx, 7, 2.0, True, True, True), "mode"),
+        "enc bwd temperature": (lambda: enc_b(g, g, g, x, W, idx, 1, 0.0, True, True, True), "temperature"),
+        "decode index range": (lambda: ops.cpu_decode_forward(idx + 10, acts, Wd, None, True), "indices must lie"),
+        "decode acts shape": (lambda: ops.cpu_decode_forward(idx, torch.ones(3, 5), Wd, None, True), "acts"),
+        "decode b_dec shape": (lambda: ops.cpu_decode_forward(idx, acts, Wd, torch.zeros(4), True), "b_dec"),
+        "decode 1-D indices": (lambda: ops.cpu_decode_forward(idx[0], acts[0], Wd, None, True), "indices"),
+        "dec bwd grad_y shape": (lambda: ops.cpu_decode_backward(gy[:, :4], idx, acts, Wd, True, True, True),
+                                 "grad_y"),
+        "dec bwd index range": (lambda: ops.cpu_decode_backward(gy, idx - 1, acts, Wd, True, True, True),
+                                "indices must lie"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_calls()))
+def test_bad_calls_raise_runtime_error(name):
+    call, match = _bad_calls()[name]
+    with pytest.raises(RuntimeError, match=match):
+        call()
