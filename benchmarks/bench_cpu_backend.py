@@ -1,16 +1,17 @@
 """Times the compiled CPU backend against the plain-PyTorch reference backend.
 
     python benchmarks/bench_cpu_backend.py                 # N=4096, d=576, M=18432, k=32, float32
-    python benchmarks/bench_cpu_backend.py --repeats 3 --N 1024
+    python benchmarks/bench_cpu_backend.py --repeats 3 --N 1024 --coder continuous
 
-Five measurements per backend, each the median of ``--repeats`` timed runs after one warm-up:
+Five measurements per backend, each the median of ``--repeats`` timed runs after one warm-up, the
+backends taking turns run by run (the machine may be shared; both see the same load):
 
 * ``encode fwd``: backend.encode_forward (binary: top-k of x W_enc^T + b_enc - theta)
-* ``decode fwd``: backend.decode_forward of the binary codes, with b_dec
+* ``decode fwd``: backend.decode_forward of the codes, with b_dec
 * ``decode bwd``: backend.decode_backward, grad_acts and grad_W_dec
-* ``encode bwd``: backend.encode_backward, sigmoid STE, grad_x, grad_W_enc and grad_b_enc
-* ``full fwd+bwd``: topk_binary_encode + sparse_decode + MSE loss + backward through the public API,
-  with every parameter (and x) requiring a gradient.
+* ``encode bwd``: backend.encode_backward (sigmoid STE for binary codes), grad_x, grad_W_enc, grad_b_enc
+* ``full fwd+bwd``: encode + sparse_decode + MSE loss + backward through the public API, with every
+  parameter (and x) requiring a gradient.
 
 Prints a markdown table (medians in ms and the reference/cpu ratio) and optionally writes JSON.
 """
@@ -35,14 +36,29 @@ from binsparse_kernels import backends  # noqa: E402
 from binsparse_kernels.backends.reference import STE_MODES  # noqa: E402
 
 
-def median_ms(fn, repeats: int) -> tuple[float, list[float]]:
-    fn()  # warm-up (allocator, thread pool, first-touch of the weights)
-    times = []
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median wall time (ms) of each callable. The callables run in turn, repeat after repeat, so
+    every backend sees the same background load on a shared machine."""
+    for fn in fns.values():
+        fn()  # warm-up (allocator, thread pool, first touch of the weights)
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), times
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"median_ms": statistics.median(t), "times_ms": t} for name, t in times.items()}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def make_inputs(N, d, M, k, dtype, seed=0):
@@ -57,38 +73,36 @@ def make_inputs(N, d, M, k, dtype, seed=0):
     return x, W_enc, b_enc, log_threshold, W_dec, b_dec, grad_y
 
 
-def bench_backend(name, inputs, k, repeats):
+def backend_cases(name, inputs, k, binary):
+    """The five timed callables for one backend."""
     impl = backends.get(name, torch.device("cpu"))
     x, W_enc, b_enc, log_threshold, W_dec, b_dec, grad_y = inputs
-    theta = log_threshold.exp()
-    values, indices = impl.encode_forward(x, W_enc, b_enc, theta, k, True)
-    acts = (values > 0).to(x.dtype)
+    theta = log_threshold.exp() if binary else None
+    values, indices = impl.encode_forward(x, W_enc, b_enc, theta, k, binary)
+    acts = (values > 0).to(x.dtype) if binary else values.to(x.dtype)
     grad_acts = torch.randn(values.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
     grad_values = torch.zeros_like(grad_acts)
-    mode = STE_MODES["sigmoid"]
+    mode = STE_MODES["sigmoid" if binary else "relu"]
 
     def full():
         leaves = [t.detach().clone().requires_grad_(True) for t in (x, W_enc, b_enc, log_threshold, W_dec, b_dec)]
         xx, We, be, lt, Wd, bd = leaves
-        out = bk.topk_binary_encode(xx, We, be, lt, k, backend=name)
-        y = bk.sparse_decode(out.indices, out.acts, Wd, bd, binary=True, backend=name)
+        if binary:
+            out = bk.topk_binary_encode(xx, We, be, lt, k, backend=name)
+        else:
+            out = bk.topk_encode(xx, We, be, k, backend=name)
+        y = bk.sparse_decode(out.indices, out.acts, Wd, bd, binary=binary, backend=name)
         loss = (y.float() - x.float()).pow(2).sum()
         loss.backward()
 
-    cases = {
-        "encode fwd": lambda: impl.encode_forward(x, W_enc, b_enc, theta, k, True),
-        "decode fwd": lambda: impl.decode_forward(indices, acts, W_dec, b_dec, True),
-        "decode bwd": lambda: impl.decode_backward(grad_y, indices, acts, W_dec, True, True, True),
+    return {
+        "encode fwd": lambda: impl.encode_forward(x, W_enc, b_enc, theta, k, binary),
+        "decode fwd": lambda: impl.decode_forward(indices, acts, W_dec, b_dec, binary),
+        "decode bwd": lambda: impl.decode_backward(grad_y, indices, acts, W_dec, binary, True, True),
         "encode bwd": lambda: impl.encode_backward(grad_acts, grad_values, values, x, W_enc, indices, mode, 2.0,
                                                    True, True, True),
         "full fwd+bwd": full,
     }
-    results = {}
-    for case, fn in cases.items():
-        med, times = median_ms(fn, repeats)
-        results[case] = {"median_ms": med, "times_ms": times}
-        print(f"  {name:9s} {case:13s} {med:10.1f} ms", file=sys.stderr, flush=True)
-    return results
 
 
 def main(argv=None):
@@ -98,7 +112,8 @@ def main(argv=None):
     parser.add_argument("--M", type=int, default=18432)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--coder", choices=["binary", "continuous"], default="binary")
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--backends", default="reference,cpu")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
@@ -110,11 +125,22 @@ def main(argv=None):
             parser.error(reason)
     dtype = getattr(torch, args.dtype)
     inputs = make_inputs(args.N, args.d, args.M, args.k, dtype)
-    results = {name: bench_backend(name, inputs, args.k, args.repeats) for name in names}
+    binary = args.coder == "binary"
+    cases = {name: backend_cases(name, inputs, args.k, binary) for name in names}
+    results = {name: {} for name in names}
+    for case in cases[names[0]]:
+        timed = interleaved_medians({name: cases[name][case] for name in names}, args.repeats)
+        for name in names:
+            results[name][case] = timed[name]
+        print("  " + case + ": " + ", ".join(f"{n} {timed[n]['median_ms']:.1f} ms" for n in names),
+              file=sys.stderr, flush=True)
+    # Context: the dense GEMM that every encode pays (fp32, as both backends compute it).
+    x, W_enc = inputs[0].float(), inputs[1].to(dtype).float()
+    gemm = interleaved_medians({"gemm": lambda: x @ W_enc.T}, args.repeats)["gemm"]["median_ms"]
 
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"\nN={args.N} d={args.d} M={args.M} k={args.k} {args.dtype}; torch {torch.__version__}; "
-          f"{machine}; median of {args.repeats} runs\n")
+    machine = f"{cpu_name()}, {torch.get_num_threads()} threads"
+    print(f"\n{args.coder} coder, N={args.N} d={args.d} M={args.M} k={args.k} {args.dtype}; "
+          f"torch {torch.__version__}; {machine}; median of {args.repeats} interleaved runs\n")
     header = "| case | " + " | ".join(f"{n} (ms)" for n in names)
     if len(names) == 2:
         header += f" | {names[0]} / {names[1]}"
@@ -126,9 +152,10 @@ def main(argv=None):
         if len(names) == 2:
             row += f" | {meds[0] / meds[1]:.2f}x"
         print(row + " |")
+    print(f"\ncontext: the bare fp32 GEMM x @ W_enc.T ({args.N} x {args.M}) takes {gemm:.1f} ms")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            json.dump({"args": vars(args), "torch": torch.__version__, "machine": machine, "gemm_ms": gemm,
                        "results": results}, f, indent=1)
 
 

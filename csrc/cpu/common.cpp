@@ -1,5 +1,7 @@
 #include "common.h"
 
+#include <algorithm>
+
 namespace binsparse_cpu {
 
 // The extension is built for the baseline x86-64 ISA so that one wheel runs everywhere; the hot
@@ -39,10 +41,39 @@ float vec_dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
   for (; i + L <= n; i += L)
     for (int l = 0; l < L; ++l) acc[l] += a[i + l] * b[i + l];
+  // Fold the partial sums pairwise (vectorized) instead of 64 dependent scalar adds.
+  for (int w = L / 2; w >= 8; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
   float s = 0.f;
   for (; i < n; ++i) s += a[i] * b[i];
-  for (int l = 0; l < L; ++l) s += acc[l];
+  for (int l = 0; l < 8; ++l) s += acc[l];
   return s;
+}
+
+BINSPARSE_MULTIVERSION
+void vec_score_binary(float* s, const float* b, const float* t, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) s[i] = (s[i] + b[i]) - t[i];
+}
+
+BINSPARSE_MULTIVERSION
+void vec_score_relu(float* s, const float* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) s[i] = std::max(s[i] + b[i], 0.f);
+}
+
+BINSPARSE_MULTIVERSION
+int64_t first_above(const float* s, int64_t n, float thr) {
+  // Blocks of 32 are tested with a branch-free (vectorized) any-of; only a block that holds a
+  // candidate is searched element by element. Most blocks of a top-k scan hold none.
+  constexpr int B = 32;
+  int64_t i = 0;
+  for (; i + B <= n; i += B) {
+    int any = 0;
+    for (int l = 0; l < B; ++l) any |= s[i + l] > thr;
+    if (any) break;
+  }
+  for (; i < n; ++i)
+    if (s[i] > thr) return i;
+  return n;
 }
 
 LatentBuckets bucket_by_latent(const int64_t* indices, int64_t count, int64_t M) {

@@ -42,15 +42,13 @@ void merge_row(const float* s, int64_t n, int64_t col0, float* v, int64_t* ix, i
     if (col0 + j == k - 1)
       for (int64_t p = k / 2 - 1; p >= 0; --p) sift_down(v, ix, k, p);
   }
-  if (j == n) return;
-  float root = v[0];
-  for (; j < n; ++j) {
-    if (s[j] > root) {
-      v[0] = s[j];
-      ix[0] = col0 + j;
-      sift_down(v, ix, k, 0);
-      root = v[0];
-    }
+  while (j < n) {
+    j += first_above(s + j, n - j, v[0]);
+    if (j == n) break;
+    v[0] = s[j];
+    ix[0] = col0 + j;
+    sift_down(v, ix, k, 0);
+    ++j;
   }
 }
 
@@ -145,11 +143,8 @@ std::tuple<Tensor, Tensor> encode_forward(const Tensor& x_in, const Tensor& W_in
         for (int64_t i = i0; i < i1; ++i) {
           float* s = sp + i * cw;
           // Same two roundings as the reference: pre = acc + b, then pre - theta or ReLU(pre).
-          if (binary) {
-            for (int64_t j = 0; j < cw; ++j) s[j] = (s[j] + bp[c0 + j]) - tp[c0 + j];
-          } else {
-            for (int64_t j = 0; j < cw; ++j) s[j] = std::max(s[j] + bp[c0 + j], 0.f);
-          }
+          if (binary) vec_score_binary(s, bp + c0, tp + c0, cw);
+          else vec_score_relu(s, bp + c0, cw);
           merge_row(s, cw, c0, vals + (r0 + i) * k, ixs + (r0 + i) * k, k);
         }
       });
