@@ -1,0 +1,275 @@
+"""The benchmark suite (binsparse_kernels.bench): baselines agree with the package's ops, every case
+runs on every implementation through the ``benchmark`` fixture, and the harness times, checks and
+writes complete results. CPU-sized, well under a minute in total.
+
+pyproject's addopts has ``--benchmark-disable``: ``benchmark(fn, *args)`` then calls ``fn`` once and
+returns its result, which the tests check. ``pytest --benchmark-enable tests/test_bench.py`` times them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+
+import pytest
+import torch
+
+import binsparse_kernels as bk
+from binsparse_kernels import cli
+from binsparse_kernels.bench import baselines, cases, harness
+from binsparse_kernels.bench.cases import Case
+
+TINY = dict(N=96, d=32, M=256, k=8, dtype="float32")
+DEVICE = torch.device("cpu")
+BACKENDS = [n for n in harness.default_impls(DEVICE) if n not in baselines.BASELINES]
+OP_IMPLS = BACKENDS + ["eager", "sparsify"]  # compile: one case below (compiling costs seconds)
+
+
+def _case(op, variant, coder="", **kw):
+    return Case(op, variant, coder=coder, **{**TINY, **kw})
+
+
+def _inputs(case, seed=0):
+    return cases.make_inputs(case, DEVICE, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines == package ops (values, indices, outputs and every gradient)
+# ----------------------------------------------------------------------------------------------
+
+
+def _encode_decode_grads(impl, x, W_enc, b_enc, lt, W_dec, b_dec, k, binary, grad_y):
+    leaves = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, lt, W_dec, b_dec)]
+    px, pW, pb, plt, pWd, pbd = leaves
+    acts, indices, values = impl.encode(px, pW, pb, plt, k, binary, cases.TEMPERATURE)
+    y = impl.decode(indices, acts, pWd, pbd, binary)
+    wanted = leaves if binary else [t for t in leaves if t is not plt]
+    grads = torch.autograd.grad(y, wanted, grad_y)
+    order = indices.sort(1).indices  # compare per-row sets, whatever the slot order
+    return (acts.gather(1, order).detach(), indices.gather(1, order), values.gather(1, order).detach(),
+            y.detach(), grads)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "topk"])
+@pytest.mark.parametrize("baseline", ["eager", "sparsify"])
+def test_baseline_matches_package_ops(baseline, binary):
+    case = _case("backward", "binary" if binary else "topk")
+    inp = _inputs(case, seed=3)
+    x, grad_y = inp.xs[0], inp.ys[0]
+    # thresholds that leave some selected latents inactive, so the binary STE sees both acts
+    lt = torch.empty_like(inp.log_threshold).uniform_(0.0, 0.6)  # theta in (1, 1.8)
+    args = (x, inp.W_enc, inp.b_enc, lt, inp.W_dec, inp.b_dec, case.k, binary, grad_y)
+    want = _encode_decode_grads(baselines.backend_impl("reference"), *args)
+    got = _encode_decode_grads(baselines.make_impl(baseline), *args)
+    if binary:
+        assert 0 < want[0].sum() < want[0].numel()
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)  # same latents selected
+    for g, w in zip(got[:1] + got[2:4], want[:1] + want[2:4]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    names = ["x", "W_enc", "b_enc", "log_threshold", "W_dec", "b_dec"] if binary else ["x", "W_enc", "b_enc", "W_dec", "b_dec"]
+    assert len(got[4]) == len(want[4]) == len(names)
+    for name, g, w in zip(names, got[4], want[4]):
+        assert g is not None and g.abs().sum() > 0, name
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("variant", cases.VARIANTS)
+@pytest.mark.parametrize("coder", cases.CODERS)
+def test_baseline_coder_matches_sparse_coder(coder, variant):
+    """coder_fvu(coder, baseline) has the value and the parameter gradients of SparseCoder.forward."""
+    case = _case("step", variant, coder)
+    inp = _inputs(case, seed=1)
+    x, y = inp.xs[0], (None if coder == "bae" else inp.ys[0])
+    results = {}
+    for name in ("reference", "eager", "sparsify"):
+        model = cases.make_coder(case, inp, DEVICE, backend="reference")
+        impl = baselines.make_impl(name)
+        loss = model(x, y).fvu if name == "reference" else baselines.coder_fvu(model, impl, x, y)
+        loss.backward()
+        results[name] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    want_loss, want_grads = results["reference"]
+    assert want_grads["encoder.weight"].abs().sum() > 0
+    for name in ("eager", "sparsify"):
+        loss, grads = results[name]
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+        assert grads.keys() == want_grads.keys()
+        for pname, g in grads.items():
+            torch.testing.assert_close(g, want_grads[pname], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{name} grad {pname}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Every case on every implementation, through the benchmark fixture
+# ----------------------------------------------------------------------------------------------
+
+OP_CASES = [_case(op, v) for op in ("encode", "decode", "backward") for v in cases.VARIANTS]
+OP_CASES += [_case("step", v, c) for c in cases.CODERS for v in cases.VARIANTS]
+
+
+@pytest.mark.parametrize("impl_name", OP_IMPLS)
+@pytest.mark.parametrize("case", OP_CASES, ids=lambda c: c.name.split(" ")[0])
+def test_case_runs(benchmark, case, impl_name):
+    inp = _inputs(case)
+    runner = cases.build(case, baselines.make_impl(impl_name), inp, DEVICE)
+    out = benchmark(runner.run, runner.prepare(0))
+    # the same case run by the eager baseline, on fresh inputs from the same seed
+    ref_inp = _inputs(case)
+    ref = cases.build(case, baselines.make_impl("eager"), ref_inp, DEVICE)
+    want = ref.run(ref.prepare(0))
+    if case.op in ("encode", "decode"):
+        torch.testing.assert_close(runner.key(out), ref.key(want), rtol=1e-5, atol=1e-5)
+    elif case.op == "backward":
+        assert len(out) == len(want) == (5 if case.binary else 4)
+        for g, w in zip(out, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    else:  # one training step from the same initial weights: same loss
+        assert torch.isfinite(out) and 0 < float(out) < 10
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# The harness
+# ----------------------------------------------------------------------------------------------
+
+FAST = harness.Options(warmup=1, min_repeats=2, max_repeats=3, min_time_s=0.0)
+
+
+def test_measure_times_what_it_runs():
+    t = harness.measure(lambda i: 0.004, time.sleep, DEVICE, warmup=1, min_repeats=5, max_repeats=5)
+    assert t.repeats == 5
+    assert 4.0 <= t.min_ms <= t.q1_ms <= t.median_ms <= t.q3_ms
+    assert t.median_ms < 40
+    calls = []
+    harness.measure(lambda i: i, calls.append, DEVICE, warmup=2, min_repeats=3, max_repeats=3)
+    assert calls == [0, 1, 2, 3, 4]  # rotating inputs: each call gets the next index
+    with pytest.raises(ValueError, match="min_repeats"):
+        harness.measure(lambda i: i, calls.append, DEVICE, min_repeats=0)
+
+
+def test_floors():
+    rates = harness.Rates(DEVICE, bandwidth=1e10, rotate_bytes=0, gemm_min_time_s=0.0)
+    dec = _case("decode", "binary")
+    ms, what = harness.floor_for(dec, rates)
+    N, d, k = dec.N, dec.d, dec.k
+    assert ms == pytest.approx((N * k * d * 4 + N * d * 4 + N * k * 12) / 1e10 * 1e3)
+    assert "bandwidth" in what
+    enc_ms, what = harness.floor_for(_case("encode", "topk"), rates)
+    assert "GEMM" in what and enc_ms == rates.gemms[(N, 32, 256, torch.float32)].median_ms > 0
+    step_ms, _ = harness.floor_for(_case("step", "binary", "btc"), rates)
+    assert step_ms > enc_ms
+    assert harness.copy_bandwidth(DEVICE, nbytes=8 * 2**20, min_time_s=0.0) > 1e8  # > 0.1 GB/s
+
+
+def test_suite_results_complete(benchmark, tmp_path):
+    suite_cases = [_case("encode", "binary"), _case("decode", "topk"), _case("backward", "binary"),
+                   _case("step", "topk", "bae")]
+    impls = harness.default_impls(DEVICE)
+    assert "reference" in impls and set(baselines.BASELINES) <= set(impls)
+    impls = [n for n in impls if n != "compile"]  # compile: test_compile_baseline
+    results = benchmark(harness.run_suite, suite_cases, impls, DEVICE, options=FAST, log=None, preset="test")
+    assert [(r["case"], r["impl"]) for r in results.rows] == [(c.name, n) for c in suite_cases for n in impls]
+    for r in results.rows:
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["min_ms"] <= r["median_ms"] and r["repeats"] >= 2
+        assert r["floor_ms"] > 0 and r["x_floor"] == pytest.approx(r["median_ms"] / r["floor_ms"])
+        assert r["speedup_vs_eager"] > 0 and r["speedup_vs_sparsify"] > 0
+        assert r["peak_mb"] is None  # not measured on CPU, and said so in the metadata
+        if r["op"] in ("encode", "decode") and r["impl"] != "eager":
+            assert r["check_vs"] == "eager" and r["max_rel_diff"] < 1e-5
+    assert results.by(suite_cases[0].name, "eager")["speedup_vs_eager"] == 1.0
+    meta = results.meta
+    for key in ("device", "torch", "triton", "commit", "copy_bandwidth_gbs", "memory_note", "date_utc"):
+        assert meta.get(key) not in (None, ""), key
+    assert meta["torch"] == torch.__version__ and "not measured" in meta["memory_note"]
+
+    json_path, csv_path = harness.write_results(results, tmp_path, "cpu-test")
+    data = json.loads(json_path.read_text())
+    assert data["meta"]["commit"] == meta["commit"] and len(data["rows"]) == len(results.rows)
+    assert {"N", "d", "M", "k", "dtype", "op", "variant", "median_ms"} <= data["rows"][0].keys()
+    with open(csv_path) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(results.rows)
+    assert rows[0]["device"] == meta["device"] and rows[0]["torch"] == meta["torch"]
+    assert rows[0]["commit"] == meta["commit"] and int(rows[0]["N"]) == TINY["N"]
+    assert float(rows[0]["median_ms"]) > 0
+    table = harness.format_table(results)
+    assert table.count("\n") == len(results.rows) + 1 and "sparsify" in table
+
+
+def test_compile_baseline(benchmark):
+    case = _case("encode", "binary")
+    results = benchmark(harness.run_suite, [case], ["eager", "compile"], DEVICE, options=FAST, log=None)
+    row = results.by(case.name, "compile")
+    assert row["status"] == "ok" and row["median_ms"] > 0
+    assert row["check_vs"] == "eager" and row["max_rel_diff"] < 1e-5
+
+
+def test_failures_are_recorded_not_raised(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    real = baselines.make_impl
+
+    def make(name):
+        impl = real(name)
+        if name == "sparsify":
+            impl.encode = broken
+        return impl
+
+    monkeypatch.setattr(baselines, "make_impl", make)
+    case = _case("encode", "topk")
+    results = harness.run_suite([case], ["eager", "sparsify"], DEVICE, options=FAST, log=None)
+    assert results.by(case.name, "eager")["status"] == "ok"
+    assert "kernel exploded" in results.by(case.name, "sparsify")["status"]
+
+
+def test_bad_requests():
+    with pytest.raises(ValueError, match="unknown implementation"):
+        harness.run_suite([_case("encode", "binary")], ["eagre"], DEVICE, options=FAST, log=None)
+    with pytest.raises(ValueError, match="op must be"):
+        Case("encoder", "binary", **TINY)
+    with pytest.raises(ValueError, match="coder"):
+        Case("step", "binary", **TINY)
+    with pytest.raises(ValueError, match="bad shape"):
+        Case("encode", "binary", **{**TINY, "k": 1000})
+    with pytest.raises(ValueError, match="unknown preset"):
+        cases.preset("huge")
+
+
+def test_presets_cover_the_paper_shapes():
+    paper = cases.preset("paper")
+    shapes = {(c.d, c.M) for c in paper}
+    assert shapes == {(576, 18432), (576, 36864), (2048, 65536), (2048, 131072)}
+    assert {c.k for c in paper} == {16, 32, 64, 128} and max(c.N for c in paper) == 65536
+    assert {c.dtype for c in paper} == {"bfloat16"} and {c.dtype for c in cases.preset("cpu")} == {"float32"}
+    assert {(c.coder, c.variant) for c in paper if c.op == "step"} == {(a, b) for a in cases.CODERS for b in cases.VARIANTS}
+    kept = cases.filter_cases(paper, ops=["encode"], ks=[32], models=["1.7b"], N=1024)
+    assert kept and all(c.op == "encode" and c.k == 32 and c.d == 2048 and c.N == 1024 for c in kept)
+    assert len(kept) == len(set(kept))
+
+
+def test_cli(tmp_path, capsys):
+    assert cli.main(["bench", "--preset", "cpu-quick", "--ops", "decode", "--list"]) == 0
+    listed = capsys.readouterr().out.split("\n")
+    assert [line for line in listed if line] == [c.name for c in cases.preset("cpu-quick") if c.op == "decode"]
+    argv = ["bench", "--preset", "cpu-quick", "--ops", "decode", "--variants", "binary", "--N", "64",
+            "--impls", "eager,sparsify", "--min-time", "0", "--min-repeats", "2", "--max-repeats", "2",
+            "--out-dir", str(tmp_path), "--name", "cli-test"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| decode/binary N=64" in out and "cli-test.json" in out
+    data = json.loads((tmp_path / "cli-test.json").read_text())
+    assert [r["impl"] for r in data["rows"]] == ["eager", "sparsify"] and data["meta"]["preset"] == "cpu-quick"
+    assert cli.main(["bench", "--preset", "cpu-quick", "--ops", "nothing"]) == 2
+    assert cli.main(["bench", "--preset", "cpu-quick", "--ops", "decode", "--impls", "warp-drive", "--no-write"]) == 2
+
+
+def test_random_codes_are_distinct_per_row():
+    g = torch.Generator().manual_seed(0)
+    idx, acts = cases.random_codes(500, 1000, 32, True, torch.float32, DEVICE, g)
+    assert idx.shape == acts.shape == (500, 32) and idx.min() >= 0 and idx.max() < 1000
+    assert all(len(set(row.tolist())) == 32 for row in idx)
+    assert set(acts.unique().tolist()) == {0.0, 1.0}
+    assert math.isclose(float(acts.mean()), 0.9, abs_tol=0.02)
