@@ -1,0 +1,455 @@
+"""The compiled CUDA backend (``backend="cuda"``, csrc/cuda) against the reference backend.
+
+Every test needs a CUDA GPU and is skipped without one (marked ``gpu``). On a GPU machine the
+extension must be built (``binsparse_kernels._C_cuda``, or ``BINSPARSE_CUDA_JIT=1``); a missing
+build fails the tests instead of skipping them.
+
+Covered: values (selections compared by value, and exactly where no near-tie makes the choice
+ambiguous), gradients of every input through the public API, binary (3 STE modes) and continuous,
+bf16/fp16/fp32 and mixed weight dtypes, odd sizes (scalar and 16-byte load paths, partial tiles,
+several latent chunks), k = 1, k = M, k at and beyond the fused limit, exact ties, all-equal rows,
+a latent firing on 50% of tokens (multi-segment buckets), bitwise determinism, torch.library.opcheck
+on the cuda_* ops, and bad calls that must raise RuntimeError.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import binsparse_kernels as bk
+from binsparse_kernels.backends import reference
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+ops = torch.ops.binsparse
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_backend():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from binsparse_kernels.backends import cuda  # raises ImportError with build instructions if not built
+
+    assert "cuda" in bk.available_backends()
+    return cuda
+
+
+# (N, d_in, M, d_out, k). Odd sizes exercise masking and the scalar load path; multiples of 8 the
+# 16-byte path; M above one 128-latent tile and N above one 64-token block exercise partial tiles
+# and the split of the latents across CTAs (merged by the second kernel).
+SHAPES = [
+    (37, 19, 53, 19, 5),
+    (16, 8, 40, 24, 1),
+    (9, 7, 13, 7, 13),  # k = M
+    (130, 64, 1000, 72, 32),
+    (70, 96, 3000, 40, 128),  # the fused limit
+    (33, 40, 700, 24, 129),  # the chunked fallback
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+       torch.float16: dict(atol=5e-3, rtol=5e-3)}
+
+
+def params(N, d_in, M, d_out, *, x_dtype=torch.float32, w_dtype=torch.float32, threshold=0.004):
+    return {
+        "x": torch.randn(N, d_in, device=DEV).to(x_dtype),
+        "W_enc": ((torch.rand(M, d_in, device=DEV) * 2 - 1) / math.sqrt(d_in)).to(w_dtype),
+        "b_enc": (torch.randn(M, device=DEV) * 0.1).to(w_dtype),
+        "log_threshold": (torch.full((M,), math.log(threshold), device=DEV)
+                          + torch.randn(M, device=DEV) * 0.1).to(w_dtype),
+        "W_dec": (torch.randn(M, d_out, device=DEV) / math.sqrt(d_out)).to(w_dtype),
+        "b_dec": (torch.randn(d_out, device=DEV) * 0.1).to(w_dtype),
+    }
+
+
+def scores(p, binary):
+    """fp32 scores the encoder selects from (weights rounded to x's dtype), in float64 matmul."""
+    x = p["x"]
+    pre = (x.double() @ p["W_enc"].to(x.dtype).double().T + p["b_enc"].double())
+    z = pre - p["log_threshold"].double().exp() if binary else torch.relu(pre)
+    return z.float()
+
+
+def encode(p, k, backend, *, binary=True, ste="sigmoid", temperature=2.0):
+    if binary:
+        return bk.topk_binary_encode(p["x"], p["W_enc"], p["b_enc"], p["log_threshold"], k, ste=ste,
+                                     temperature=temperature, backend=backend)
+    return bk.topk_encode(p["x"], p["W_enc"], p["b_enc"], k, backend=backend)
+
+
+def assert_same_selection(z, ref, got, k, tol):
+    """A valid top-k of z, equal to the reference's by value; equal index sets on every row whose
+    k-th and (k+1)-th scores are clearly apart (elsewhere fp32 summation order may pick either)."""
+    N = z.shape[0]
+    assert got.indices.shape == (N, k) and got.indices.dtype == torch.int64
+    ids = got.indices.sort(1).values
+    assert (ids[:, 1:] != ids[:, :-1]).all(), "duplicate indices in a row"
+    assert ((got.indices >= 0) & (got.indices < z.shape[1])).all()
+    picked = z.gather(1, got.indices)
+    torch.testing.assert_close(got.values.float(), picked.to(got.values.dtype).float(), **tol)
+    torch.testing.assert_close(got.values.float().sort(1).values, ref.values.float().sort(1).values, **tol)
+    kth = z.topk(k, 1).values[:, -1:]
+    assert (picked >= kth - 1e-4 * (1 + kth.abs())).all(), "a selected score is below the k-th largest"
+    if k < z.shape[1]:
+        top = z.topk(k + 1, 1).values
+        clear = (top[:, k - 1] - top[:, k]) > 1e-4 * (1 + top[:, k - 1].abs())
+    else:
+        clear = torch.ones(N, dtype=torch.bool, device=z.device)
+    assert torch.equal(ids[clear], ref.indices.sort(1).values[clear])
+    # rows come back sorted by decreasing value
+    assert (got.values[:, 1:] <= got.values[:, :-1]).all()
+
+
+def coder_grads(p, k, backend, *, binary, ste="sigmoid", temperature=2.0, with_b_dec=True, upstream):
+    """Gradients of every input of encode + decode, under a loss that also weighs acts and values
+    per (token, latent) so the slot order of each backend does not matter."""
+    leaves = {name: t.detach().clone().requires_grad_(True) for name, t in p.items()}
+    out = encode(leaves, k, backend, binary=binary, ste=ste, temperature=temperature)
+    y = bk.sparse_decode(out.indices, out.acts, leaves["W_dec"], leaves["b_dec"] if with_b_dec else None,
+                         binary=binary, backend=backend)
+    G_acts, G_values, G_y = upstream
+    loss = ((y.float() * G_y).sum() + (out.acts.float() * G_acts.gather(1, out.indices)).sum()
+            + (out.values.float() * G_values.gather(1, out.indices)).sum())
+    names = [n for n in leaves if (binary or n != "log_threshold") and (with_b_dec or n != "b_dec")]
+    grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+    return out, dict(zip(names, grads))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encode forward
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "continuous"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_encode_matches_reference(shape, binary, dtype):
+    N, d_in, M, d_out, k = shape
+    p = params(N, d_in, M, d_out, x_dtype=dtype)
+    ref = encode(p, k, "reference", binary=binary)
+    got = encode(p, k, "cuda", binary=binary)
+    assert got.acts.dtype == dtype and got.values.dtype == dtype
+    values, indices = ops.cuda_encode_forward(p["x"], p["W_enc"], p["b_enc"],
+                                              p["log_threshold"].float().exp() if binary else None, k, binary)
+    assert values.dtype == torch.float32 and torch.equal(indices, got.indices)
+    assert_same_selection(scores(p, binary), ref, type(got)(got.acts, indices, values), k, TOL[dtype])
+    if binary:
+        assert torch.equal(got.acts, (got.values > 0).to(dtype))
+    else:
+        assert torch.equal(got.acts, got.values)
+
+
+@pytest.mark.parametrize("N,M", [(1, 100_000), (4096, 300), (300, 40_000)])
+def test_encode_large_and_lopsided_shapes(N, M):
+    # Few tokens and many latents: many latent chunks per row block; many tokens: many row blocks.
+    p = params(N, 64, M, 8, x_dtype=torch.bfloat16)
+    ref, got = encode(p, 32, "reference"), encode(p, 32, "cuda")
+    assert_same_selection(scores(p, True), ref, got, 32, TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype,eps", [(torch.bfloat16, 2.0**-9), (torch.float16, 2.0**-12)], ids=str)
+def test_weights_of_another_dtype_are_rounded_to_the_activation_dtype(dtype, eps, cuda_backend):
+    # W holds 1 + eps (exact in fp32, rounds to 1 in `dtype`) and -1: every op sees the difference.
+    W = torch.tensor([[1.0 + eps, 1.0 + eps], [-1.0, -1.0]], device=DEV)
+    x = torch.ones(1, 2, dtype=dtype, device=DEV)
+    indices, acts = torch.tensor([[0, 1]], device=DEV), torch.ones(1, 2, dtype=dtype, device=DEV)
+    g2, g1 = torch.ones(1, 2, device=DEV), torch.ones(1, 2, dtype=dtype, device=DEV)
+    values, _ = cuda_backend.encode_forward(x, W, torch.zeros(2, device=DEV), None, 1, False)
+    assert values.item() == 2.0
+    grad_x = cuda_backend.encode_backward(g2, g2, torch.ones(1, 2, device=DEV), x, W, indices, 3, 1.0, True, False,
+                                          False)[0]
+    assert torch.equal(grad_x, torch.zeros(1, 2, device=DEV))
+    assert cuda_backend.decode_forward(indices, acts, W, None, True).float().abs().max().item() == 0.0
+    grad_acts = cuda_backend.decode_backward(g1, indices, acts, W, False, True, False)[0]
+    assert torch.equal(grad_acts, torch.tensor([[2.0, -2.0]], device=DEV))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,k", [(10, 3), (5000, 7), (5000, 128), (700, 700), (700, 129), (300, 1)])
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "continuous"])
+def test_ties_go_to_the_lowest_index(M, k, binary, dtype):
+    # x = 0, so every score of a row is b - theta (binary) or ReLU(b): many exact ties, more than k
+    # of them at the k-th value, and whole rows of equal values when b is constant.
+    for b in (torch.tensor([1.0, 2.0, 2.0, -1.0, 2.0]).repeat(M // 5 + 1)[:M], torch.full((M,), 0.25)):
+        b = b.to(DEV)
+        x, W = torch.zeros(70, 8, device=DEV, dtype=dtype), torch.randn(M, 8, device=DEV)
+        theta = torch.full((M,), 0.5, device=DEV)
+        values, indices = ops.cuda_encode_forward(x, W, b, theta if binary else None, k, binary)
+        s = (b - theta) if binary else torch.relu(b)
+        s_host = s.tolist()
+        order = sorted(range(M), key=lambda i: (-s_host[i], i))[:k]
+        expected = torch.tensor(order, device=DEV).expand(70, k)
+        assert torch.equal(indices, expected)
+        assert torch.equal(values, s[indices])
+
+
+def test_encode_accepts_zero_tokens():
+    p = params(0, 6, 20, 6)
+    for binary in (True, False):
+        got = encode(p, 4, "cuda", binary=binary)
+        assert got.indices.shape == (0, 4)
+    leaves = {n: t.requires_grad_(True) for n, t in p.items()}
+    out = encode(leaves, 4, "cuda")
+    y = bk.sparse_decode(out.indices, out.acts, leaves["W_dec"], leaves["b_dec"], binary=True, backend="cuda")
+    assert y.shape == (0, 6)
+    grads = torch.autograd.grad(y.sum() + out.values.sum(), list(leaves.values()))
+    assert all(g is not None and not g.any() for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients of every input, through the public API
+# ---------------------------------------------------------------------------------------------
+
+GRAD_CASES = [  # (binary, ste, temperature)
+    (True, "sigmoid", 2.0),
+    (True, "sigmoid", 0.5),
+    (True, "rectangle", 2.0),
+    (True, "rectangle", 0.3),
+    (True, "identity", 2.0),
+    (False, None, None),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: "continuous" if not c[0] else f"{c[1]}-T{c[2]}")
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[5]], ids=str)
+def test_gradients_match_reference(shape, case, dtype):
+    binary, ste, temperature = case
+    N, d_in, M, d_out, k = shape
+    # bf16/fp16 activations with fp32 master weights, as under autocast.
+    p = params(N, d_in, M, d_out, x_dtype=dtype, threshold=0.6)  # some selected z <= 0
+    upstream = (torch.randn(N, M, device=DEV), torch.randn(N, M, device=DEV), torch.randn(N, d_out, device=DEV))
+    kw = dict(binary=binary, ste=ste or "sigmoid", temperature=temperature or 2.0, upstream=upstream)
+    got_out, got = coder_grads(p, k, "cuda", **kw)
+    # The reference, given the same selection: compare gradients on rows selected identically.
+    ref_out, ref = coder_grads(p, k, "reference", **kw)
+    if binary:
+        assert (got_out.acts == 0).any() and (got_out.acts == 1).any(), "want a mix of 0/1 acts"
+    same = torch.equal(got_out.indices.sort(1).values, ref_out.indices.sort(1).values)
+    assert same, "selections differ: pick a seed without near-ties at the k-th value"
+    assert ref.keys() == got.keys()
+    for name in ref:
+        assert got[name].dtype == p[name].dtype, name
+        torch.testing.assert_close(got[name].float(), ref[name].float(), **TOL[dtype], msg=name)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "continuous"])
+def test_gradients_without_b_dec_and_with_a_transcoder_shape(binary):
+    p = params(29, 10, 45, 17)
+    upstream = (torch.randn(29, 45, device=DEV), torch.randn(29, 45, device=DEV), torch.randn(29, 17, device=DEV))
+    _, ref = coder_grads(p, 6, "reference", binary=binary, with_b_dec=False, upstream=upstream)
+    _, got = coder_grads(p, 6, "cuda", binary=binary, with_b_dec=False, upstream=upstream)
+    assert "b_dec" not in got
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], **TOL[torch.float32], msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradients_with_a_latent_firing_on_half_the_tokens(dtype):
+    # Latent 3 is selected on every other token (2048 of 4096 selections: 8 segments of 256) and
+    # latent 5 on every token: multi-segment buckets with the second-stage reduction.
+    N, d, M, k = 4096, 72, 512, 8
+    p = params(N, d, M, d, x_dtype=dtype)
+    p["x"][::2, 0] = 30.0
+    p["W_enc"][3] = 0.0
+    p["W_enc"][3, 0] = 1.0
+    p["b_enc"][5] = 50.0
+    upstream = (torch.randn(N, M, device=DEV), torch.randn(N, M, device=DEV), torch.randn(N, d, device=DEV))
+    got_out, got = coder_grads(p, k, "cuda", binary=True, upstream=upstream)
+    ref_out, ref = coder_grads(p, k, "reference", binary=True, upstream=upstream)
+    hits = (got_out.indices == 3).any(1)
+    assert hits[::2].all() and (got_out.indices == 5).any(1).all()
+    assert torch.equal(got_out.indices.sort(1).values, ref_out.indices.sort(1).values)
+    for name in ref:
+        torch.testing.assert_close(got[name].float(), ref[name].float(), **TOL[dtype], msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode and the backward kernels, directly
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("w_dtype", DTYPES, ids=lambda t: "W_" + str(t)[6:])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "continuous"])
+@pytest.mark.parametrize("with_b_dec", [True, False], ids=["b_dec", "no_b_dec"])
+@pytest.mark.parametrize("d", [13, 64, 2056], ids=lambda d: f"d{d}")
+def test_decode_matches_reference(d, with_b_dec, binary, dtype, w_dtype):
+    N, k, M = 23, 7, 41
+    indices = torch.rand(N, M, device=DEV).argsort(1)[:, :k]
+    acts = (torch.rand(N, k, device=DEV) > 0.3).to(dtype) if binary else torch.randn(N, k, device=DEV).to(dtype)
+    acts.requires_grad_(True)
+    W = torch.randn(M, d, device=DEV).to(w_dtype).requires_grad_(True)
+    b = (torch.randn(d, device=DEV).to(w_dtype).requires_grad_(True)) if with_b_dec else None
+    g = torch.randn(N, d, device=DEV).to(dtype)
+    results = {}
+    for backend in ("reference", "cuda"):
+        y = bk.sparse_decode(indices, acts, W, b, binary=binary, backend=backend)
+        inputs = [acts, W] + ([b] if with_b_dec else [])
+        results[backend] = (y, *torch.autograd.grad(y, inputs, g))
+    for ref, got in zip(results["reference"], results["cuda"]):
+        assert got.dtype == ref.dtype
+        torch.testing.assert_close(got, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, False),
+                                  (False, False, True)], ids=str)
+def test_encode_backward_matches_reference(mode, dtype, need, cuda_backend):
+    N, d, M, k = 600, 24, 90, 9
+    x = torch.randn(N, d, device=DEV).to(dtype)
+    W = torch.randn(M, d, device=DEV)
+    r = torch.rand(N, M, device=DEV)
+    r[: N // 2, 7] = 2.0  # latent 7 on half the tokens: 300 selections, two segments
+    indices = r.argsort(1, descending=True)[:, :k]
+    values = torch.randn(N, k, device=DEV) * 2
+    ga, gv = torch.randn(N, k, device=DEV).to(dtype), torch.randn(N, k, device=DEV).to(dtype)
+    args = (ga, gv, values, x, W, indices, mode, 0.7, *need)
+    ref = reference.encode_backward(*args)
+    got = cuda_backend.encode_backward(*args)
+    for r, c in zip(ref, got):
+        assert (r is None) == (c is None)
+        if r is not None:
+            assert c.dtype == torch.float32
+            torch.testing.assert_close(c, r, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_backward_skips_what_is_not_needed(cuda_backend):
+    indices = torch.randint(0, 9, (4, 3), device=DEV)
+    acts, W = torch.rand(4, 3, device=DEV), torch.randn(9, 5, device=DEV)
+    g = torch.randn(4, 5, device=DEV)
+    assert cuda_backend.decode_backward(g, indices, acts, W, False, True, False)[1] is None
+    assert cuda_backend.decode_backward(g, indices, acts, W, False, False, True)[0] is None
+    out = cuda_backend.encode_backward(acts, acts, acts, torch.randn(4, 2, device=DEV), torch.randn(9, 2, device=DEV),
+                                       indices, 1, 2.0, False, True, False)
+    assert out[0] is None and out[1].shape == (9, 2) and out[2] is None
+    # duplicate indices in a row (never produced by the encoder) still sum correctly
+    dup = torch.tensor([[1, 1, 2]] * 4, device=DEV)
+    ref = reference.decode_backward(g, dup, acts, W, False, True, True)
+    got = cuda_backend.decode_backward(g, dup, acts, W, False, True, True)
+    for r, c in zip(ref, got):
+        torch.testing.assert_close(c, r)
+    # upstream gradients of any layout (autograd hands out expanded ones)
+    g_exp = torch.ones(1, 5, device=DEV).expand(4, 5)
+    ref = reference.decode_backward(g_exp, indices, acts, W, True, True, True)
+    got = cuda_backend.decode_backward(g_exp, indices, acts, W, True, True, True)
+    for r, c in zip(ref, got):
+        torch.testing.assert_close(c, r)
+
+
+def test_results_are_bitwise_reproducible():
+    N, d, M, k = 3000, 40, 64, 16  # buckets of ~750 selections: several segments each
+    p = params(N, d, M, d)
+    theta = p["log_threshold"].exp()
+    values, indices = ops.cuda_encode_forward(p["x"], p["W_enc"], p["b_enc"], theta, k, True)
+    again = ops.cuda_encode_forward(p["x"], p["W_enc"], p["b_enc"], theta, k, True)
+    assert torch.equal(values, again[0]) and torch.equal(indices, again[1])
+    acts, g, gy = (values > 0).float(), torch.randn(N, k, device=DEV), torch.randn(N, d, device=DEV)
+
+    def sparse_ops():
+        return (*ops.cuda_encode_backward(g, g, values, p["x"], p["W_enc"], indices, 1, 2.0, True, True, True),
+                ops.cuda_decode_forward(indices, acts, p["W_dec"], p["b_dec"], True),
+                *ops.cuda_decode_backward(gy, indices, acts, p["W_dec"], True, True, True),
+                *ops.cuda_decode_backward(gy, indices, g, p["W_dec"], False, True, True))
+
+    first = sparse_ops()
+    for _ in range(3):
+        for a, b in zip(sparse_ops(), first):
+            assert torch.equal(a, b)
+
+
+def test_runs_on_the_current_stream_and_device_guard():
+    p = params(100, 16, 300, 16, x_dtype=torch.bfloat16)
+    ref = encode(p, 8, "cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = encode(p, 8, "cuda")
+        y = bk.sparse_decode(got.indices, got.acts, p["W_dec"], p["b_dec"], binary=True, backend="cuda")
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(got.indices, ref.indices)
+    y_ref = bk.sparse_decode(ref.indices, ref.acts, p["W_dec"], p["b_dec"], binary=True, backend="reference")
+    torch.testing.assert_close(y, y_ref, **TOL[torch.bfloat16])
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops themselves: opcheck, and bad calls that must raise, never crash
+# ---------------------------------------------------------------------------------------------
+
+
+def test_opcheck_cuda_ops():
+    x, W, b, t = (torch.randn(7, 5, device=DEV), torch.randn(12, 5, device=DEV), torch.randn(12, device=DEV),
+                  torch.rand(12, device=DEV))
+    for binary in (True, False):
+        torch.library.opcheck(ops.cuda_encode_forward, (x, W, b, t if binary else None, 3, binary))
+        torch.library.opcheck(ops.cuda_encode_forward, (x.bfloat16(), W, b, t if binary else None, 3, binary))
+    values, idx = ops.cuda_encode_forward(x, W, b, t, 3, True)
+    g = torch.randn(7, 3, device=DEV)
+    for mode, need in [(1, (True, True, True)), (0, (False, True, False)), (3, (True, False, True))]:
+        torch.library.opcheck(ops.cuda_encode_backward, (g, g, values, x, W, idx, mode, 2.0, *need))
+    Wd, bd, acts = torch.randn(12, 4, device=DEV), torch.randn(4, device=DEV), (values > 0).float()
+    for binary in (True, False):
+        torch.library.opcheck(ops.cuda_decode_forward, (idx, acts, Wd, bd, binary))
+        torch.library.opcheck(ops.cuda_decode_forward, (idx, acts.bfloat16(), Wd, None, binary))
+        for need in [(True, True), (True, False), (False, True)]:
+            torch.library.opcheck(ops.cuda_decode_backward,
+                                  (torch.randn(7, 4, device=DEV), idx, acts, Wd, binary, *need))
+
+
+def _bad_calls():
+    c = dict(device=DEV)
+    x, W, b, t = torch.randn(3, 4, **c), torch.randn(10, 4, **c), torch.zeros(10, **c), torch.ones(10, **c)
+    idx, acts, g = torch.zeros(3, 2, dtype=torch.int64, **c), torch.ones(3, 2, **c), torch.randn(3, 2, **c)
+    Wd, gy = torch.randn(10, 5, **c), torch.randn(3, 5, **c)
+    enc_b = ops.cuda_encode_backward
+    return {
+        "encode x 3-D": (lambda: ops.cuda_encode_forward(x[None], W, b, t, 2, True), "x must be 2-D"),
+        "encode d mismatch": (lambda: ops.cuda_encode_forward(torch.randn(3, 5, **c), W, b, t, 2, True), "W_enc"),
+        "encode b shape": (lambda: ops.cuda_encode_forward(x, W, torch.zeros(9, **c), t, 2, True), "b_enc"),
+        "encode threshold shape": (lambda: ops.cuda_encode_forward(x, W, b, torch.ones(3, **c), 2, True),
+                                   "threshold"),
+        "encode k too big": (lambda: ops.cuda_encode_forward(x, W, b, t, 11, True), "k must be in"),
+        "encode k zero": (lambda: ops.cuda_encode_forward(x, W, b, t, 0, True), "k must be in"),
+        "encode binary no threshold": (lambda: ops.cuda_encode_forward(x, W, b, None, 2, True), "threshold"),
+        "encode int x": (lambda: ops.cuda_encode_forward(x.long(), W, b, t, 2, True), "float32, bfloat16"),
+        "encode float64 W": (lambda: ops.cuda_encode_forward(x, W.double(), b, t, 2, True), "W_enc"),
+        "encode non-contiguous x": (lambda: ops.cuda_encode_forward(torch.randn(4, 3, **c).T, W, b, t, 2, True),
+                                    "contiguous"),
+        "encode CPU W": (lambda: ops.cuda_encode_forward(x, W.cpu(), b, t, 2, True), "W_enc"),
+        "encode all CPU": (lambda: ops.cuda_encode_forward(x.cpu(), W.cpu(), b.cpu(), t.cpu(), 2, True), "CPU"),
+        "enc bwd index range": (lambda: enc_b(g, g, g, x, W, idx + 10, 1, 2.0, True, True, True),
+                                "indices must lie"),
+        "enc bwd negative index": (lambda: enc_b(g, g, g, x, W, idx - 1, 1, 2.0, True, True, True), "indices"),
+        "enc bwd int32 indices": (lambda: enc_b(g, g, g, x, W, idx.int(), 1, 2.0, True, True, True), "int64"),
+        "enc bwd grad shape": (lambda: enc_b(g[:, :1], g, g, x, W, idx, 1, 2.0, True, True, True), "grad_acts"),
+        "enc bwd mode": (lambda: enc_b(g, g, g, x, W, idx, 7, 2.0, True, True, True), "mode"),
+        "enc bwd temperature": (lambda: enc_b(g, g, g, x, W, idx, 1, 0.0, True, True, True), "temperature"),
+        "enc bwd values dtype": (lambda: enc_b(g, g, g.half(), x, W, idx, 1, 2.0, True, True, True), "values"),
+        "decode index range": (lambda: ops.cuda_decode_forward(idx + 10, acts, Wd, None, True), "indices must lie"),
+        "decode acts shape": (lambda: ops.cuda_decode_forward(idx, torch.ones(3, 5, **c), Wd, None, True), "acts"),
+        "decode b_dec shape": (lambda: ops.cuda_decode_forward(idx, acts, Wd, torch.zeros(4, **c), True), "b_dec"),
+        "decode 1-D indices": (lambda: ops.cuda_decode_forward(idx[0], acts[0], Wd, None, True), "indices"),
+        "dec bwd grad_y shape": (lambda: ops.cuda_decode_backward(gy[:, :4], idx, acts, Wd, True, True, True),
+                                 "grad_y"),
+        "dec bwd index range": (lambda: ops.cuda_decode_backward(gy, idx - 1, acts, Wd, True, True, True),
+                                "indices must lie"),
+    }
+
+
+@pytest.mark.parametrize("name", [
+    "encode x 3-D", "encode d mismatch", "encode b shape", "encode threshold shape", "encode k too big",
+    "encode k zero", "encode binary no threshold", "encode int x", "encode float64 W", "encode non-contiguous x",
+    "encode CPU W", "encode all CPU", "enc bwd index range", "enc bwd negative index", "enc bwd int32 indices",
+    "enc bwd grad shape", "enc bwd mode", "enc bwd temperature", "enc bwd values dtype", "decode index range",
+    "decode acts shape", "decode b_dec shape", "decode 1-D indices", "dec bwd grad_y shape", "dec bwd index range",
+])
+def test_bad_calls_raise_runtime_error(name):
+    call, match = _bad_calls()[name]
+    with pytest.raises(RuntimeError, match=match):
+        call()
+    torch.cuda.synchronize()  # and the context is still healthy
