@@ -147,6 +147,20 @@ def test_ties_go_to_the_lowest_index(M, k, binary):
         assert indices[row].tolist() == order
 
 
+def test_nan_scores_rank_first_and_never_crash():
+    # The public API rejects non-finite inputs; the op itself must still behave: NaN ranks above
+    # every number (as in torch.topk), ties among NaN go to the lowest index.
+    x, W, b = torch.randn(6, 4), torch.randn(5000, 4), torch.zeros(5000)
+    b[[7, 4500]] = float("nan")
+    x[2] = float("nan")  # a row of NaN scores only
+    for binary in (True, False):
+        values, indices = ops.cpu_encode_forward(x, W, b, torch.zeros(5000) if binary else None, 3, binary)
+        for row in (0, 1, 3, 4, 5):
+            assert indices[row, :2].tolist() == [7, 4500] and values[row, :2].isnan().all()
+            assert not values[row, 2].isnan()
+        assert indices[2].tolist() == [0, 1, 2]
+
+
 def test_encode_accepts_zero_tokens():
     p = params(0, 6, 20, 6)
     for binary in (True, False):

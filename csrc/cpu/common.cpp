@@ -61,18 +61,19 @@ void vec_score_relu(float* s, const float* b, int64_t n) {
 }
 
 BINSPARSE_MULTIVERSION
-int64_t first_above(const float* s, int64_t n, float thr) {
+int64_t first_candidate(const float* s, int64_t n, float thr) {
   // Blocks of 32 are tested with a branch-free (vectorized) any-of; only a block that holds a
   // candidate is searched element by element. Most blocks of a top-k scan hold none.
+  // !(s <= thr) is s > thr, or s is NaN.
   constexpr int B = 32;
   int64_t i = 0;
   for (; i + B <= n; i += B) {
     int any = 0;
-    for (int l = 0; l < B; ++l) any |= s[i + l] > thr;
+    for (int l = 0; l < B; ++l) any |= !(s[i + l] <= thr);
     if (any) break;
   }
   for (; i < n; ++i)
-    if (s[i] > thr) return i;
+    if (!(s[i] <= thr)) return i;
   return n;
 }
 

@@ -82,7 +82,7 @@ void vec_add(const float* x, float* y, int64_t n);            // y += x
 float vec_dot(const float* a, const float* b, int64_t n);      // sum a * b, fp32
 void vec_score_binary(float* s, const float* b, const float* t, int64_t n);  // s = (s + b) - t
 void vec_score_relu(float* s, const float* b, int64_t n);                    // s = max(s + b, 0)
-int64_t first_above(const float* s, int64_t n, float thr);  // first i with s[i] > thr, else n
+int64_t first_candidate(const float* s, int64_t n, float thr);  // first i with !(s[i] <= thr), else n
 
 // ---------------------------------------------------------------------------------------------
 // Stable CSR transpose of an [N, k] index matrix: the (token, slot) positions grouped by latent,

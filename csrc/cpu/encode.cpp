@@ -12,8 +12,13 @@ constexpr int64_t kChunk = 4096;
 constexpr int64_t kScratch = int64_t(1) << 22;  // 16 MiB of fp32 scores
 
 // The running top-k of a row is a binary min-heap on (value, -index): the root is the entry that
-// the next better score replaces. Among equal values the lowest index is kept.
-inline bool worse(float va, int64_t ia, float vb, int64_t ib) { return va < vb || (va == vb && ia > ib); }
+// the next better score replaces. Among equal values the lowest index is kept. NaN ranks above
+// every number, as in torch.topk, which also keeps the order total (std::sort needs that).
+inline bool worse(float va, int64_t ia, float vb, int64_t ib) {
+  const bool na = std::isnan(va), nb = std::isnan(vb);
+  if (na || nb) return nb && (!na || ia > ib);
+  return va < vb || (va == vb && ia > ib);
+}
 
 void sift_down(float* v, int64_t* ix, int64_t k, int64_t pos) {
   const float pv = v[pos];
@@ -33,7 +38,8 @@ void sift_down(float* v, int64_t* ix, int64_t k, int64_t pos) {
 
 // Merges scores s[0..n) of latents col0..col0+n into a row's running top-k (v, ix). Columns
 // arrive in increasing order, so the first k fill the heap and later ones enter only when they
-// are strictly greater than the root: an equal value has a larger index and loses the tie.
+// beat the root: an equal value has a larger index and loses the tie. A cheap vectorized scan
+// finds the candidates (s > root, or NaN); `worse` decides.
 void merge_row(const float* s, int64_t n, int64_t col0, float* v, int64_t* ix, int64_t k) {
   int64_t j = 0;
   for (; j < n && col0 + j < k; ++j) {
@@ -43,11 +49,13 @@ void merge_row(const float* s, int64_t n, int64_t col0, float* v, int64_t* ix, i
       for (int64_t p = k / 2 - 1; p >= 0; --p) sift_down(v, ix, k, p);
   }
   while (j < n) {
-    j += first_above(s + j, n - j, v[0]);
+    j += first_candidate(s + j, n - j, v[0]);
     if (j == n) break;
-    v[0] = s[j];
-    ix[0] = col0 + j;
-    sift_down(v, ix, k, 0);
+    if (worse(v[0], ix[0], s[j], col0 + j)) {
+      v[0] = s[j];
+      ix[0] = col0 + j;
+      sift_down(v, ix, k, 0);
+    }
     ++j;
   }
 }
