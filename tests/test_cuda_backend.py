@@ -187,6 +187,21 @@ def test_ties_go_to_the_lowest_index(M, k, binary, dtype):
         assert torch.equal(values, s[indices])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k", [3, 130], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "continuous"])
+def test_nan_scores_rank_first_as_in_torch_topk(k, binary, dtype):
+    # A NaN weight row gives NaN scores: ranked above every number (lowest index first among NaNs),
+    # so a row never comes back with fewer than k real latents.
+    M = 300
+    x, W, b = torch.randn(9, 16, device=DEV, dtype=dtype), torch.randn(M, 16, device=DEV), torch.zeros(M, device=DEV)
+    W[[7, 5]] = float("nan")
+    theta = torch.full((M,), 0.1, device=DEV)
+    values, indices = ops.cuda_encode_forward(x, W, b, theta if binary else None, k, binary)
+    assert indices[:, :2].tolist() == [[5, 7]] * 9 and values[:, :2].isnan().all()
+    assert not values[:, 2:].isnan().any() and ((indices >= 0) & (indices < M)).all()
+
+
 def test_encode_accepts_zero_tokens():
     p = params(0, 6, 20, 6)
     for binary in (True, False):

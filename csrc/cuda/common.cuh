@@ -165,14 +165,17 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // Warp-level running top-k. A row's list of k (value, index) pairs lives in shared memory and is
 // owned by one warp; (wv, wi, ws) is its worst entry (value, index, slot), identical in all lanes.
 // Order: a beats b iff a.v > b.v, or a.v == b.v and a.i < b.i (among equal values the lowest index
-// wins). This is a strict total order on distinct indices, so the set kept after offering any
-// sequence of candidates is exactly their top-k, whatever the order they were offered in.
-// Empty slots hold (-inf, INT_MAX), which every real candidate beats.
+// wins); NaN ranks above every number, as in torch.topk. This is a strict total order on distinct
+// indices, so the set kept after offering any sequence of candidates is exactly their top-k,
+// whatever the order they were offered in. Empty slots hold (-inf, INT_MAX), which every real
+// candidate beats.
 // ---------------------------------------------------------------------------------------------
 
 constexpr int kEmptyIndex = 0x7fffffff;
 
 __device__ __forceinline__ bool beats(float av, int ai, float bv, int bi) {
+  const bool an = av != av, bn = bv != bv;
+  if (an || bn) return an && (!bn || ai < bi);
   return av > bv || (av == bv && ai < bi);
 }
 

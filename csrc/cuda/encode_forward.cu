@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kThreads)
         float z = 0.f;
         if (valid) {
           const float pre = tile[r * LDC + c] + b_enc[col];
-          z = theta != nullptr ? pre - theta[col] : fmaxf(pre, 0.f);
+          z = theta != nullptr ? pre - theta[col] : (pre < 0.f ? 0.f : pre);  // ReLU that keeps NaN
         }
         warp_offer(lv, li, k, wv, wi, ws, z, static_cast<int>(col), valid);
       }
