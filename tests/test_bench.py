@@ -148,17 +148,47 @@ def test_measure_times_what_it_runs():
         harness.measure(lambda i: i, calls.append, DEVICE, min_repeats=0)
 
 
+def test_measure_interleaved_rounds_and_failures():
+    order = []
+
+    class Sleeper:
+        def __init__(self, name, seconds, fail_at=None):
+            self.name, self.seconds, self.fail_at = name, seconds, fail_at
+
+        def prepare(self, i):
+            return i
+
+        def run(self, i):
+            if i == self.fail_at:
+                raise RuntimeError(f"{self.name} broke at call {i}")
+            order.append(self.name)
+            time.sleep(self.seconds)
+            return i
+
+    runners = {"a": Sleeper("a", 0.001), "b": Sleeper("b", 0.004), "c": Sleeper("c", 0.0, fail_at=3)}
+    firsts = {}
+    out = harness.measure_interleaved(runners, DEVICE, warmup=1, min_repeats=4, max_repeats=4,
+                                      keys={"b": lambda v: v + 100}, first_outputs=firsts)
+    assert isinstance(out["a"], harness.Timing) and out["a"].repeats == 4
+    assert 1.0 <= out["a"].median_ms < out["b"].median_ms and out["b"].median_ms >= 4.0
+    assert isinstance(out["c"], RuntimeError) and "call 3" in str(out["c"])
+    assert order[3:9] == ["a", "b", "c", "a", "b", "c"]  # after the warm-ups: one call of each per round
+    assert firsts == {"b": 100}  # the first output of b, through its key
+
+
 def test_floors():
-    rates = harness.Rates(DEVICE, bandwidth=1e10, rotate_bytes=0, gemm_min_time_s=0.0)
+    bw, gemm_ms = 1e10, 2.0
     dec = _case("decode", "binary")
-    ms, what = harness.floor_for(dec, rates)
+    ms, what = harness.floor_for(dec, None, bw)
     N, d, k = dec.N, dec.d, dec.k
-    assert ms == pytest.approx((N * k * d * 4 + N * d * 4 + N * k * 12) / 1e10 * 1e3)
+    assert ms == pytest.approx((N * k * d * 4 + N * d * 4 + N * k * 12) / bw * 1e3)
     assert "bandwidth" in what
-    enc_ms, what = harness.floor_for(_case("encode", "topk"), rates)
-    assert "GEMM" in what and enc_ms == rates.gemms[(N, 32, 256, torch.float32)].median_ms > 0
-    step_ms, _ = harness.floor_for(_case("step", "binary", "btc"), rates)
-    assert step_ms > enc_ms
+    assert harness.floor_for(_case("encode", "topk"), gemm_ms, None) == (gemm_ms, "GEMM x@W_enc.T (measured)")
+    bae, _ = harness.floor_for(_case("step", "binary", "bae"), gemm_ms, bw)
+    btc, _ = harness.floor_for(_case("step", "binary", "btc"), gemm_ms, bw)
+    assert gemm_ms < bae < btc
+    assert set(harness.floor_runners(_case("step", "topk", "btc"), DEVICE, 0)) == {"gemm", "copy"}
+    assert set(harness.floor_runners(_case("backward", "topk"), DEVICE, 0)) == {"copy"}
     assert harness.copy_bandwidth(DEVICE, nbytes=8 * 2**20, min_time_s=0.0) > 1e8  # > 0.1 GB/s
 
 
@@ -174,13 +204,17 @@ def test_suite_results_complete(benchmark, tmp_path):
         assert r["status"] == "ok", r
         assert r["median_ms"] > 0 and r["min_ms"] <= r["median_ms"] and r["repeats"] >= 2
         assert r["floor_ms"] > 0 and r["x_floor"] == pytest.approx(r["median_ms"] / r["floor_ms"])
+        if r["op"] in ("encode", "step"):  # the floor's parts, measured in the same rounds
+            assert r["gemm_ms"] > 0 and r["gemm_tflops"] > 0
+        if r["op"] != "encode":
+            assert r["copy_gbs"] > 0
         assert r["speedup_vs_eager"] > 0 and r["speedup_vs_sparsify"] > 0
         assert r["peak_mb"] is None  # not measured on CPU, and said so in the metadata
         if r["op"] in ("encode", "decode") and r["impl"] != "eager":
             assert r["check_vs"] == "eager" and r["max_rel_diff"] < 1e-5
     assert results.by(suite_cases[0].name, "eager")["speedup_vs_eager"] == 1.0
     meta = results.meta
-    for key in ("device", "torch", "triton", "commit", "copy_bandwidth_gbs", "memory_note", "date_utc"):
+    for key in ("device", "torch", "triton", "commit", "memory_note", "date_utc", "load_avg_start"):
         assert meta.get(key) not in (None, ""), key
     assert meta["torch"] == torch.__version__ and "not measured" in meta["memory_note"]
 
@@ -220,7 +254,9 @@ def test_failures_are_recorded_not_raised(monkeypatch):
 
     monkeypatch.setattr(baselines, "make_impl", make)
     case = _case("encode", "topk")
-    results = harness.run_suite([case], ["eager", "sparsify"], DEVICE, options=FAST, log=None)
+    one_at_a_time = harness.Options(**{**vars(FAST), "interleave": False})
+    results = harness.run_suite([case], ["eager", "sparsify"], DEVICE, options=one_at_a_time, log=None)
+    assert results.meta["options"]["interleave"] is False
     assert results.by(case.name, "eager")["status"] == "ok"
     assert "kernel exploded" in results.by(case.name, "sparsify")["status"]
 

@@ -66,53 +66,97 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(prepare: Callable[[int], object], run: Callable[[object], object], device: torch.device, *,
-            warmup: int = 2, min_repeats: int = 5, max_repeats: int = 100, min_time_s: float = 1.0,
-            first_output: Optional[list] = None) -> Timing:
-    """Median time of ``run(prepare(i))`` over rotating ``i`` (``prepare`` is not timed).
+def _timing(times: list) -> Timing:
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return Timing(statistics.median(times), min(times), q[0], q[2], len(times))
 
-    Runs at least ``min_repeats`` and at most ``max_repeats`` timed calls, as many as fit in about
-    ``min_time_s`` at the speed seen in the warm-up. ``first_output`` receives the first call's output.
+
+def measure_interleaved(runners: dict, device: torch.device, *, warmup: int = 2, min_repeats: int = 5,
+                        max_repeats: int = 100, min_time_s: float = 1.0, keys: Optional[dict] = None,
+                        first_outputs: Optional[dict] = None) -> dict:
+    """Median times of several ``(prepare, run)`` pairs, timed in interleaved rounds.
+
+    ``runners`` maps a name to an object with ``prepare(i) -> ctx`` (untimed) and ``run(ctx)``
+    (timed); ``i`` counts that runner's calls, so ``prepare`` can rotate its inputs. Every runner is
+    warmed up (``warmup`` calls; the fastest sets its expected speed), then each round calls every
+    runner once, so load from other processes hits them all alike. Rounds: at least
+    ``min_repeats``, at most ``max_repeats``, as many as fit in about ``min_time_s`` per runner.
+    Returns name -> ``Timing``, or the exception that runner raised (it is dropped from later
+    rounds). For the names in ``keys`` (name -> function of an output), ``first_outputs[name]``
+    receives that function of the runner's first output.
     """
     if min_repeats < 1 or max_repeats < min_repeats:
         raise ValueError(f"need 1 <= min_repeats <= max_repeats, got {min_repeats}, {max_repeats}")
-    i = 0
-    per_call = float("inf")
-    for _ in range(max(1, warmup)):
-        ctx = prepare(i)
-        start = time.perf_counter()
-        out = run(ctx)
-        _sync(device)
-        per_call = min(per_call, time.perf_counter() - start)  # the first call may include compilation
-        if first_output is not None and not first_output:
-            first_output.append(out)
-        del ctx, out
-        i += 1
-    repeats = int(min(max_repeats, max(min_repeats, math.ceil(min_time_s / max(per_call, 1e-6)))))
-    times = []
-    if device.type == "cuda":
-        events = []
-        for _ in range(repeats):
-            ctx = prepare(i)
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            out = run(ctx)
-            end.record()
-            events.append((begin, end))
-            del ctx, out
-            i += 1
-        torch.cuda.synchronize(device)
-        times = [b.elapsed_time(e) for b, e in events]
-    else:
-        for _ in range(repeats):
-            ctx = prepare(i)
-            t0 = time.perf_counter()
-            out = run(ctx)
-            times.append((time.perf_counter() - t0) * 1e3)
-            del ctx, out
-            i += 1
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return Timing(statistics.median(times), min(times), q[0], q[2], len(times))
+    result: dict = {}
+    calls = dict.fromkeys(runners, 0)
+    per_call = {}
+    for name, r in runners.items():
+        try:
+            for _ in range(max(1, warmup)):
+                ctx = r.prepare(calls[name])
+                start = time.perf_counter()
+                out = r.run(ctx)
+                _sync(device)
+                per_call[name] = min(per_call.get(name, math.inf), time.perf_counter() - start)
+                if keys and name in keys and first_outputs is not None and name not in first_outputs:
+                    first_outputs[name] = keys[name](out)
+                del ctx, out
+                calls[name] += 1
+        except Exception as exc:  # noqa: BLE001 - recorded per runner, the others go on
+            result[name] = exc
+            _free(device)
+    live = [name for name in runners if name not in result]
+    if not live:
+        return result
+    budget = min_time_s * len(live) / max(sum(per_call[n] for n in live), 1e-6)
+    rounds = int(min(max_repeats, max(min_repeats, math.ceil(budget))))
+    times: dict = {name: [] for name in live}
+    events: dict = {name: [] for name in live}
+    for _ in range(rounds):
+        for name in live:
+            if name in result:
+                continue
+            r = runners[name]
+            try:
+                ctx = r.prepare(calls[name])
+                if device.type == "cuda":
+                    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    begin.record()
+                    out = r.run(ctx)
+                    end.record()
+                    events[name].append((begin, end))
+                else:
+                    t0 = time.perf_counter()
+                    out = r.run(ctx)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+                del ctx, out
+                calls[name] += 1
+            except Exception as exc:  # noqa: BLE001
+                result[name] = exc
+                _free(device)
+    _sync(device)
+    for name in live:
+        if name not in result:
+            ts = times[name] or [b.elapsed_time(e) for b, e in events[name]]
+            result[name] = _timing(ts)
+    return result
+
+
+@dataclass
+class _Pair:
+    prepare: Callable[[int], object]
+    run: Callable[[object], object]
+
+
+def measure(prepare: Callable[[int], object], run: Callable[[object], object], device: torch.device, *,
+            warmup: int = 2, min_repeats: int = 5, max_repeats: int = 100, min_time_s: float = 1.0) -> Timing:
+    """Median time of ``run(prepare(i))`` over rotating ``i`` (``prepare`` is not timed); see
+    ``measure_interleaved``. Raises what ``run`` raises."""
+    out = measure_interleaved({"fn": _Pair(prepare, run)}, device, warmup=warmup, min_repeats=min_repeats,
+                              max_repeats=max_repeats, min_time_s=min_time_s)["fn"]
+    if isinstance(out, BaseException):
+        raise out
+    return out
 
 
 def measure_memory(prepare: Callable[[int], object], run: Callable[[object], object],
@@ -143,8 +187,10 @@ def _free(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Floors
+# Floors: measured per case, in the same rounds as the impls
 # ----------------------------------------------------------------------------------------------
+
+COPY_BYTES = 256 * 2**20
 
 
 def l2_bytes(device: torch.device) -> int:
@@ -154,47 +200,39 @@ def l2_bytes(device: torch.device) -> int:
     return int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20, min_time_s: float = 0.3) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write counted), ``dst.copy_(src)``."""
+def copy_runner(device: torch.device, nbytes: int = COPY_BYTES) -> _Pair:
+    """``dst.copy_(src)`` of ``nbytes``, alternating two sources; bandwidth = 2 * nbytes / time."""
     n = nbytes // 4
     src = [torch.empty(n, dtype=torch.float32, device=device).uniform_() for _ in range(2)]
     dst = torch.empty(n, dtype=torch.float32, device=device)
-    t = measure(lambda i: src[i % 2], dst.copy_, device, warmup=2, min_repeats=5, max_repeats=50,
-                min_time_s=min_time_s)
-    return 2 * n * 4 / (t.median_ms / 1e3)
+    return _Pair(lambda i: src[i % 2], dst.copy_)
 
 
-def gemm_timing(N: int, d: int, M: int, dtype: torch.dtype, device: torch.device, rotate_bytes: int,
-                min_time_s: float = 0.5) -> Timing:
-    """The bare encode GEMM ``x @ W_enc.T`` ([N, d] x [d, M]) in ``dtype``."""
+def gemm_runner(N: int, d: int, M: int, dtype: torch.dtype, device: torch.device, rotate_bytes: int) -> _Pair:
+    """The bare encode GEMM ``x @ W_enc.T`` ([N, d] x [d, M]) in ``dtype``, x rotating past the L2."""
     g = torch.Generator(device=device).manual_seed(0)
     W = (torch.randn(M, d, device=device, generator=g) / math.sqrt(d)).to(dtype)
     elem = torch.finfo(dtype).bits // 8
     copies = max(1, min(16, math.ceil(rotate_bytes / (N * d * elem)))) if rotate_bytes else 1
     xs = [torch.randn(N, d, device=device, generator=g).to(dtype) for _ in range(copies)]
-    return measure(lambda i: xs[i % copies], lambda x: x @ W.T, device, warmup=2, min_repeats=5, max_repeats=100,
-                   min_time_s=min_time_s)
+    return _Pair(lambda i: xs[i % copies], lambda x: x @ W.T)
 
 
-@dataclass
-class Rates:
-    """What the floors are made of: the copy bandwidth and the GEMM times of this run."""
+def copy_bandwidth(device: torch.device, nbytes: int = COPY_BYTES, min_time_s: float = 0.3) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    r = copy_runner(device, nbytes)
+    t = measure(r.prepare, r.run, device, warmup=2, min_repeats=5, max_repeats=50, min_time_s=min_time_s)
+    return 2 * nbytes / (t.median_ms / 1e3)
 
-    device: torch.device
-    bandwidth: float  # bytes/s
-    rotate_bytes: int
-    gemm_min_time_s: float = 0.5
-    gemms: dict = field(default_factory=dict)  # (N, d, M, dtype) -> Timing
 
-    def gemm(self, N, d, M, dtype) -> Timing:
-        key = (N, d, M, dtype)
-        if key not in self.gemms:
-            self.gemms[key] = gemm_timing(N, d, M, dtype, self.device, self.rotate_bytes, self.gemm_min_time_s)
-        return self.gemms[key]
-
-    def gemm_flops(self, N, d, M, dtype) -> float:
-        """Measured GEMM rate (FLOP/s) at this shape."""
-        return 2 * N * d * M / (self.gemm(N, d, M, dtype).median_ms / 1e3)
+def floor_runners(case: Case, device: torch.device, rotate_bytes: int) -> dict:
+    """What the case's floor is measured from: ``gemm`` (encode, step) and/or ``copy`` (the rest)."""
+    out = {}
+    if case.op in ("encode", "step"):
+        out["gemm"] = gemm_runner(case.N, case.d, case.M, case.torch_dtype, device, rotate_bytes)
+    if case.op != "encode":
+        out["copy"] = copy_runner(device)
+    return out
 
 
 def decode_bytes(N, d, k, elem) -> int:
@@ -208,26 +246,24 @@ def backward_bytes(N, d, M, k, elem) -> int:
     return N * k * d * elem + 2 * N * k * d * elem + 2 * M * d * 4
 
 
-def floor_for(case: Case, rates: Rates) -> tuple[float, str]:
-    """(floor in ms, what it is) for ``case``."""
-    dt = case.torch_dtype
-    elem = torch.finfo(dt).bits // 8
+def floor_for(case: Case, gemm_ms: Optional[float], bandwidth: Optional[float]) -> tuple[float, str]:
+    """(floor in ms, what it is) for ``case``, from the bare GEMM's time and the copy bandwidth (bytes/s)."""
+    elem = torch.finfo(case.torch_dtype).bits // 8
     N, d, M, k = case.N, case.d, case.M, case.k
-    bw = rates.bandwidth
     if case.op == "encode":
-        return rates.gemm(N, d, M, dt).median_ms, "GEMM x@W_enc.T (measured)"
+        return gemm_ms, "GEMM x@W_enc.T (measured)"
     if case.op == "decode":
-        return decode_bytes(N, d, k, elem) / bw * 1e3, "gathered bytes at copy bandwidth"
+        return decode_bytes(N, d, k, elem) / bandwidth * 1e3, "gathered bytes at copy bandwidth"
     if case.op == "backward":
-        return backward_bytes(N, d, M, k, elem) / bw * 1e3, "bytes at copy bandwidth (est.)"
+        return backward_bytes(N, d, M, k, elem) / bandwidth * 1e3, "bytes at copy bandwidth (est.)"
     # step: encode GEMM + decode + backward bytes + optimizer (20 B/param: read p, g, m; write p, m)
-    ms = rates.gemm(N, d, M, dt).median_ms
+    ms = gemm_ms
     n_params = 2 * M * d
-    if case.coder == "btc":  # x @ W_skip forward and its weight gradient: two N x d x d GEMMs
+    if case.coder == "btc":  # x @ W_skip forward and its weight gradient: two N x d x d GEMMs at the GEMM rate
         n_params += d * d
-        ms += 2 * (2 * N * d * d) / rates.gemm_flops(N, d, M, dt) * 1e3
+        ms += gemm_ms * 2 * d / M
     nbytes = decode_bytes(N, d, k, elem) + backward_bytes(N, d, M, k, elem) + 20 * n_params
-    return ms + nbytes / bw * 1e3, "encode GEMM + bytes at copy bandwidth (est.)"
+    return ms + nbytes / bandwidth * 1e3, "encode GEMM + bytes at copy bandwidth (est.)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +279,13 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _load_avg() -> Optional[list]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def git_commit() -> tuple[str, bool]:
@@ -288,6 +331,7 @@ def environment(device: torch.device) -> dict:
         "binsparse_kernels": bk.__version__,
         "available_backends": bk.available_backends(),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "load_avg_start": _load_avg(),  # other processes on the machine skew CPU timings: look here
         **extra,
     }
 
@@ -331,6 +375,9 @@ class Options:
     memory: bool = True
     check: bool = True
     value_checks: bool = False
+    interleave: Optional[bool] = None
+    """Time a case's impls (and its floor) in interleaved rounds; default: on a CPU (where other
+    processes skew timings), not on a GPU (where every impl then holds its memory at once)."""
 
 
 @dataclass
@@ -360,82 +407,111 @@ def run_suite(cases: Sequence[Case], impls: Optional[Sequence[str]] = None, devi
     impls = list(impls) if impls else default_impls(device)
     for name in impls:  # fail early on an unknown or unavailable name
         baselines.make_impl(name)
+    interleave = device.type == "cpu" if options.interleave is None else options.interleave
     say = log or (lambda _msg: None)
     rotate = 2 * l2_bytes(device)
     with _value_checks(options.value_checks):
-        bandwidth = copy_bandwidth(device)
-        rates = Rates(device, bandwidth, rotate, gemm_min_time_s=min(0.5, options.min_time_s))
         meta = environment(device)
-        meta.update(preset=preset, impls=impls, copy_bandwidth_gbs=round(bandwidth / 1e9, 2),
-                    rotate_bytes=rotate, options=vars(options),
+        meta.update(preset=preset, impls=impls, rotate_bytes=rotate, options={**vars(options), "interleave": interleave},
                     memory_note=("peak_mb/extra_mb: torch.cuda.max_memory_allocated" if device.type == "cuda"
                                  else "peak memory not measured on CPU (no allocator statistics)"),
                     value_checks_note=("data-dependent input checks of the ops "
                                        + ("on" if options.value_checks else "off (BINSPARSE_CHECK_VALUES=0)")))
         say(f"# {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit'][:10]}"
-            f" | copy {bandwidth / 1e9:.1f} GB/s | impls {', '.join(impls)}")
+            f" | impls {', '.join(impls)} | {'interleaved' if interleave else 'one impl at a time'}")
         rows = []
         for n_case, case in enumerate(cases, 1):
             say(f"[{n_case}/{len(cases)}] {case.name}")
-            rows += _run_case(case, impls, device, rates, options, say)
-        meta["gemm_tflops"] = {f"N={k[0]} d={k[1]} M={k[2]} {str(k[3]).replace('torch.', '')}":
-                               round(2 * k[0] * k[1] * k[2] / (t.median_ms / 1e3) / 1e12, 3)
-                               for k, t in rates.gemms.items()}
+            rows += _run_case(case, impls, device, rotate, options, interleave, say)
+        meta["load_avg_end"] = _load_avg()
     return Results(meta, rows)
 
 
-def _run_case(case: Case, impls: list[str], device: torch.device, rates: Rates, options: Options, say) -> list:
+def _status(exc: BaseException) -> str:
+    return "oom" if _is_oom(exc) else f"error: {type(exc).__name__}: {exc}"[:300]
+
+
+def _run_case(case: Case, impls: list[str], device: torch.device, rotate: int, options: Options,
+              interleave: bool, say) -> list:
     base = {"case": case.name, **case.to_dict()}
+    rows = {name: {**base, "impl": name, "kind": _kind(name)} for name in impls}
+    runners: dict = {}
     try:
-        inputs = make_inputs(case, device, rates.rotate_bytes)
-        floor_ms, floor_kind = floor_for(case, rates)
-    except Exception as exc:  # e.g. the inputs alone do not fit
+        inputs = make_inputs(case, device, rotate)
+        floors = floor_runners(case, device, rotate)
+    except Exception as exc:  # noqa: BLE001 - e.g. the inputs alone do not fit
         _free(device)
-        status = "oom" if _is_oom(exc) else f"error: {type(exc).__name__}: {exc}"
-        return [{**base, "impl": name, "kind": _kind(name), "status": status} for name in impls]
-    ref_name = _check_reference(impls) if options.check and case.op in ("encode", "decode") else None
-    order = sorted(impls, key=lambda n: n != ref_name)  # the check's reference runs first
-    ref_key = None
-    results = {}
-    for name in order:
-        row = {**base, "impl": name, "kind": _kind(name), "floor_ms": floor_ms, "floor": floor_kind,
-               "copies": inputs.copies}
-        runner = None
+        return [{**row, "status": _status(exc)} for row in rows.values()]
+    for name in impls:
         try:
-            impl = baselines.make_impl(name)
-            runner = build(case, impl, inputs, device)
-            first = []
-            t = measure(runner.prepare, runner.run, device, warmup=options.warmup, min_repeats=options.min_repeats,
-                        max_repeats=options.max_repeats, min_time_s=options.min_time_s, first_output=first)
-            row.update(status="ok", median_ms=t.median_ms, min_ms=t.min_ms, q1_ms=t.q1_ms, q3_ms=t.q3_ms,
-                       repeats=t.repeats, x_floor=t.median_ms / floor_ms if floor_ms > 0 else None)
-            if runner.key is not None and ref_name is not None:
-                key = runner.key(first[0])
-                if name == ref_name:
-                    ref_key = key
-                elif ref_key is not None:
-                    scale = ref_key.abs().max().clamp_min(1e-12)
-                    row.update(check_vs=ref_name, max_rel_diff=float((key - ref_key).abs().max() / scale))
-            del first
-            if options.memory:
-                peak, extra = measure_memory(runner.prepare, runner.run, device)
-                row.update(peak_mb=peak, extra_mb=extra)
-        except Exception as exc:
-            row["status"] = "oom" if _is_oom(exc) else f"error: {type(exc).__name__}: {exc}"[:300]
-        finally:
-            del runner
+            runners[name] = build(case, baselines.make_impl(name), inputs, device)
+        except Exception as exc:  # noqa: BLE001
+            rows[name]["status"] = _status(exc)
+    timing_kw = dict(warmup=options.warmup, min_repeats=options.min_repeats, max_repeats=options.max_repeats,
+                     min_time_s=options.min_time_s)
+    ref_name = _check_reference(impls) if options.check and case.op in ("encode", "decode") else None
+    keys = {name: r.key for name, r in runners.items() if r.key is not None} if ref_name else {}
+    firsts: dict = {}  # name -> comparable first output (encode/decode)
+    floor_keys = {f"floor:{k}": r for k, r in floors.items()}
+    if interleave:
+        timings = measure_interleaved({**floor_keys, **runners}, device, keys=keys, first_outputs=firsts, **timing_kw)
+    else:
+        timings = measure_interleaved(floor_keys, device, **timing_kw)
+        for name, runner in runners.items():
+            timings.update(measure_interleaved({name: runner}, device, keys=keys, first_outputs=firsts, **timing_kw))
             _free(device)
-        results[name] = row
-        say("    " + _short(row))
-    del ref_key, inputs
+    floor_ms, floor_kind, floor_info = None, "", {}
+    ok = {k: t for k, t in timings.items() if isinstance(t, Timing)}
+    if len(ok) >= len(floor_keys) and all(k in ok for k in floor_keys):
+        gemm_ms = ok["floor:gemm"].median_ms if "floor:gemm" in ok else None
+        bandwidth = 2 * COPY_BYTES / (ok["floor:copy"].median_ms / 1e3) if "floor:copy" in ok else None
+        floor_ms, floor_kind = floor_for(case, gemm_ms, bandwidth)
+        if gemm_ms:
+            floor_info["gemm_ms"] = gemm_ms
+            floor_info["gemm_tflops"] = 2 * case.N * case.d * case.M / (gemm_ms / 1e3) / 1e12
+        if bandwidth:
+            floor_info["copy_gbs"] = bandwidth / 1e9
+    else:
+        floor_kind = "; ".join(f"{k}: {_status(t)}" for k, t in timings.items() if k in floor_keys and k not in ok)
+    ref_key = firsts.get(ref_name)
+    for name in impls:
+        row = rows[name]
+        if name not in runners:
+            continue
+        row.update(floor_ms=floor_ms, floor=floor_kind, copies=inputs.copies, **floor_info)
+        t = timings.get(name)
+        if not isinstance(t, Timing):
+            row["status"] = _status(t) if t is not None else "error: not run"
+            continue
+        row.update(status="ok", median_ms=t.median_ms, min_ms=t.min_ms, q1_ms=t.q1_ms, q3_ms=t.q3_ms,
+                   repeats=t.repeats, x_floor=t.median_ms / floor_ms if floor_ms else None)
+        if ref_key is not None and name != ref_name and firsts.get(name) is not None:
+            key = firsts[name]
+            scale = ref_key.abs().max().clamp_min(1e-12)
+            row.update(check_vs=ref_name, max_rel_diff=float((key - ref_key).abs().max() / scale))
+    firsts.clear()
+    if options.memory and device.type == "cuda":
+        for name, runner in runners.items():
+            if rows[name].get("status") == "ok":
+                try:
+                    peak, extra = measure_memory(runner.prepare, runner.run, device)
+                    rows[name].update(peak_mb=peak, extra_mb=extra)
+                except Exception as exc:  # noqa: BLE001
+                    rows[name]["status"] = _status(exc)
+                _free(device)
+    else:
+        for row in rows.values():
+            row.update(peak_mb=None, extra_mb=None)
+    del runners, inputs, floors, ref_key
     _free(device)
-    rows = [results[name] for name in impls]
-    for row in rows:
+    for name in impls:
+        row = rows[name]
         for ref in ("eager", "sparsify"):
-            other = results.get(ref)
+            other = rows.get(ref)
             if row.get("status") == "ok" and other and other.get("status") == "ok":
                 row[f"speedup_vs_{ref}"] = other["median_ms"] / row["median_ms"]
-    return rows
+        say("    " + _short(row))
+    return list(rows.values())
 
 
 def _kind(name: str) -> str:
@@ -446,8 +522,8 @@ def _short(row: dict) -> str:
     if row.get("status") != "ok":
         return f"{row['impl']:<10} {row.get('status')}"
     mem = f"  peak {row['peak_mb']:.0f} MiB" if row.get("peak_mb") is not None else ""
-    return (f"{row['impl']:<10} {row['median_ms']:10.3f} ms  x{row['x_floor']:.2f} floor"
-            f"  ({row['repeats']} runs){mem}")
+    floor = f"  x{row['x_floor']:.2f} floor" if row.get("x_floor") else ""
+    return f"{row['impl']:<10} {row['median_ms']:10.3f} ms{floor}  ({row['repeats']} runs){mem}"
 
 
 # ----------------------------------------------------------------------------------------------
