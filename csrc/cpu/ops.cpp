@@ -6,6 +6,8 @@
 #include "common.h"
 
 TORCH_LIBRARY_FRAGMENT(binsparse, m) {
+  // Their fake (meta) implementations, for torch.compile, live in this Python module.
+  m.set_python_module("binsparse_kernels.backends.cpu");
   m.def("cpu_encode_forward(Tensor x, Tensor W_enc, Tensor b_enc, Tensor? threshold, int k, bool binary)"
         " -> (Tensor values, Tensor indices)");
   m.def("cpu_encode_backward(Tensor grad_acts, Tensor grad_values, Tensor values, Tensor x, Tensor W_enc,"
