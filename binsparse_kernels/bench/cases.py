@@ -207,6 +207,14 @@ class Inputs:
         return len(self.xs) or len(self.codes)
 
 
+def case_copies(case: Case, device: torch.device, rotate_bytes: int) -> int:
+    """How many rotating copies of its per-token inputs ``make_inputs`` makes for ``case``."""
+    elem = torch.finfo(case.torch_dtype).bits // 8
+    if case.op == "decode":
+        return _copies(case.N * case.k * (8 + elem), rotate_bytes)
+    return _copies(2 * case.N * case.d * elem, rotate_bytes)
+
+
 def make_inputs(case: Case, device: torch.device, rotate_bytes: int = 0, seed: int = 0) -> Inputs:
     """Weights as a freshly initialised coder has them (W_dec unit rows) and random activations."""
     g = torch.Generator(device=device).manual_seed(seed)
@@ -216,13 +224,11 @@ def make_inputs(case: Case, device: torch.device, rotate_bytes: int = 0, seed: i
     log_threshold = torch.full((M,), math.log(INIT_THRESHOLD), device=device)
     W_dec = W_enc / W_enc.norm(dim=1, keepdim=True)
     b_dec = torch.randn(d, device=device, generator=g) * 0.1
-    elem = torch.finfo(dt).bits // 8
+    n = case_copies(case, device, rotate_bytes)
     xs, ys, codes = [], [], []
     if case.op == "decode":
-        n = _copies(N * k * (8 + elem), rotate_bytes)
         codes = [random_codes(N, M, k, case.binary, dt, device, g) for _ in range(n)]
     else:
-        n = _copies(2 * N * d * elem, rotate_bytes)
         xs = [torch.randn(N, d, device=device, generator=g).to(dt) for _ in range(n)]
         if case.op in ("backward", "step"):
             ys = [torch.randn(N, d, device=device, generator=g).to(dt) for _ in range(n)]

@@ -42,7 +42,7 @@ import torch
 import binsparse_kernels as bk
 
 from . import baselines
-from .cases import Case, build, make_inputs
+from .cases import Case, build, case_copies, make_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -435,74 +435,92 @@ def _run_case(case: Case, impls: list[str], device: torch.device, rotate: int, o
               interleave: bool, say) -> list:
     base = {"case": case.name, **case.to_dict()}
     rows = {name: {**base, "impl": name, "kind": _kind(name)} for name in impls}
-    runners: dict = {}
     try:
         inputs = make_inputs(case, device, rotate)
-        floors = floor_runners(case, device, rotate)
+        floors = {f"floor:{k}": r for k, r in floor_runners(case, device, rotate).items()}
     except Exception as exc:  # noqa: BLE001 - e.g. the inputs alone do not fit
         _free(device)
         return [{**row, "status": _status(exc)} for row in rows.values()]
-    for name in impls:
-        try:
-            runners[name] = build(case, baselines.make_impl(name), inputs, device)
-        except Exception as exc:  # noqa: BLE001
-            rows[name]["status"] = _status(exc)
     timing_kw = dict(warmup=options.warmup, min_repeats=options.min_repeats, max_repeats=options.max_repeats,
                      min_time_s=options.min_time_s)
     ref_name = _check_reference(impls) if options.check and case.op in ("encode", "decode") else None
-    keys = {name: r.key for name, r in runners.items() if r.key is not None} if ref_name else {}
-    firsts: dict = {}  # name -> comparable first output (encode/decode)
-    floor_keys = {f"floor:{k}": r for k, r in floors.items()}
-    if interleave:
-        timings = measure_interleaved({**floor_keys, **runners}, device, keys=keys, first_outputs=firsts, **timing_kw)
-    else:
-        timings = measure_interleaved(floor_keys, device, **timing_kw)
-        for name, runner in runners.items():
+    # Every impl's first output, reduced to a comparable tensor (encode/decode), for the check.
+    firsts: dict = {}
+    memory = options.memory and device.type == "cuda"
+
+    def build_runner(name):
+        try:
+            return build(case, baselines.make_impl(name), inputs, device)
+        except Exception as exc:  # noqa: BLE001
+            rows[name]["status"] = _status(exc)
+            return None
+
+    def record_memory(name, runner):
+        try:
+            peak, extra = measure_memory(runner.prepare, runner.run, device)
+            rows[name].update(peak_mb=peak, extra_mb=extra)
+        except Exception as exc:  # noqa: BLE001
+            rows[name]["status"] = _status(exc)
+
+    if interleave:  # every runner alive at once, timed round-robin together with the floors
+        runners = {name: r for name in impls if (r := build_runner(name)) is not None}
+        keys = {name: r.key for name, r in runners.items() if r.key is not None and ref_name}
+        timings = measure_interleaved({**floors, **runners}, device, keys=keys, first_outputs=firsts, **timing_kw)
+        _free(device)
+        if memory:
+            for name, runner in runners.items():
+                if isinstance(timings.get(name), Timing):
+                    record_memory(name, runner)
+                    _free(device)
+        del runners
+    else:  # one impl at a time, built just before and freed just after (GPU memory)
+        timings = measure_interleaved(floors, device, **timing_kw)
+        for name in impls:
+            runner = build_runner(name)
+            if runner is None:
+                continue
+            keys = {name: runner.key} if runner.key is not None and ref_name else {}
             timings.update(measure_interleaved({name: runner}, device, keys=keys, first_outputs=firsts, **timing_kw))
             _free(device)
+            if memory and isinstance(timings.get(name), Timing):
+                record_memory(name, runner)
+            del runner
+            _free(device)
+    del inputs, floors
+
     floor_ms, floor_kind, floor_info = None, "", {}
-    ok = {k: t for k, t in timings.items() if isinstance(t, Timing)}
-    if len(ok) >= len(floor_keys) and all(k in ok for k in floor_keys):
-        gemm_ms = ok["floor:gemm"].median_ms if "floor:gemm" in ok else None
-        bandwidth = 2 * COPY_BYTES / (ok["floor:copy"].median_ms / 1e3) if "floor:copy" in ok else None
+    failed = {k: t for k, t in timings.items() if k.startswith("floor:") and not isinstance(t, Timing)}
+    if not failed:
+        gemm = timings.get("floor:gemm")
+        gemm_ms = gemm.median_ms if gemm else None
+        bandwidth = 2 * COPY_BYTES / (timings["floor:copy"].median_ms / 1e3) if "floor:copy" in timings else None
         floor_ms, floor_kind = floor_for(case, gemm_ms, bandwidth)
         if gemm_ms:
-            floor_info["gemm_ms"] = gemm_ms
-            floor_info["gemm_tflops"] = 2 * case.N * case.d * case.M / (gemm_ms / 1e3) / 1e12
+            floor_info.update(gemm_ms=gemm_ms, gemm_tflops=2 * case.N * case.d * case.M / (gemm_ms / 1e3) / 1e12)
         if bandwidth:
             floor_info["copy_gbs"] = bandwidth / 1e9
     else:
-        floor_kind = "; ".join(f"{k}: {_status(t)}" for k, t in timings.items() if k in floor_keys and k not in ok)
+        floor_kind = "; ".join(f"{k}: {_status(t)}" for k, t in failed.items())
     ref_key = firsts.get(ref_name)
     for name in impls:
         row = rows[name]
-        if name not in runners:
+        if "status" in row and name not in timings:  # failed to build
             continue
-        row.update(floor_ms=floor_ms, floor=floor_kind, copies=inputs.copies, **floor_info)
+        row.update(floor_ms=floor_ms, floor=floor_kind, **floor_info)
         t = timings.get(name)
         if not isinstance(t, Timing):
             row["status"] = _status(t) if t is not None else "error: not run"
             continue
-        row.update(status="ok", median_ms=t.median_ms, min_ms=t.min_ms, q1_ms=t.q1_ms, q3_ms=t.q3_ms,
-                   repeats=t.repeats, x_floor=t.median_ms / floor_ms if floor_ms else None)
+        row.update(median_ms=t.median_ms, min_ms=t.min_ms, q1_ms=t.q1_ms, q3_ms=t.q3_ms, repeats=t.repeats,
+                   x_floor=t.median_ms / floor_ms if floor_ms else None, copies=case_copies(case, device, rotate))
+        row.setdefault("status", "ok")
+        row.setdefault("peak_mb", None)
+        row.setdefault("extra_mb", None)
         if ref_key is not None and name != ref_name and firsts.get(name) is not None:
-            key = firsts[name]
             scale = ref_key.abs().max().clamp_min(1e-12)
-            row.update(check_vs=ref_name, max_rel_diff=float((key - ref_key).abs().max() / scale))
+            row.update(check_vs=ref_name, max_rel_diff=float((firsts[name] - ref_key).abs().max() / scale))
     firsts.clear()
-    if options.memory and device.type == "cuda":
-        for name, runner in runners.items():
-            if rows[name].get("status") == "ok":
-                try:
-                    peak, extra = measure_memory(runner.prepare, runner.run, device)
-                    rows[name].update(peak_mb=peak, extra_mb=extra)
-                except Exception as exc:  # noqa: BLE001
-                    rows[name]["status"] = _status(exc)
-                _free(device)
-    else:
-        for row in rows.values():
-            row.update(peak_mb=None, extra_mb=None)
-    del runners, inputs, floors, ref_key
+    del ref_key
     _free(device)
     for name in impls:
         row = rows[name]
@@ -576,5 +594,6 @@ def default_name(meta: dict, preset: str) -> str:
     """``cpu-<preset>-<date>`` or ``<gpu name>-<preset>-<date>``, file-system safe."""
     tag = "cpu" if meta["device_type"] == "cpu" else meta["device"]
     stamp = meta["date_utc"].replace(":", "").replace("-", "")
-    raw = f"{tag}-{preset or 'custom'}-{stamp}".lower()
+    parts = [tag] + ([preset or "custom"] if preset != tag else []) + [stamp]
+    raw = "-".join(parts).lower()
     return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in raw)
