@@ -354,6 +354,9 @@ def _value_checks(enabled: bool):
 # ----------------------------------------------------------------------------------------------
 
 
+COMPILED = ("compile",)  # impls that run torch.compile'd code
+
+
 def default_impls(device: torch.device) -> list[str]:
     """Every backend that runs natively on ``device`` plus every baseline.
 
@@ -377,7 +380,8 @@ class Options:
     value_checks: bool = False
     interleave: Optional[bool] = None
     """Time a case's impls (and its floor) in interleaved rounds; default: on a CPU (where other
-    processes skew timings), not on a GPU (where every impl then holds its memory at once)."""
+    processes skew timings), not on a GPU (where every impl then holds its memory at once).
+    ``torch.compile``'d impls always get rounds of their own (their OpenMP threads spin)."""
 
 
 @dataclass
@@ -465,7 +469,14 @@ def _run_case(case: Case, impls: list[str], device: torch.device, rotate: int, o
     if interleave:  # every runner alive at once, timed round-robin together with the floors
         runners = {name: r for name in impls if (r := build_runner(name)) is not None}
         keys = {name: r.key for name, r in runners.items() if r.key is not None and ref_name}
-        timings = measure_interleaved({**floors, **runners}, device, keys=keys, first_outputs=firsts, **timing_kw)
+        # torch.compile'd CPU code brings its own OpenMP threads, which spin after each call and
+        # slow whatever runs next (measured: 2-5x on 2 cores): compiled impls get rounds of their own.
+        alone = [name for name in runners if name in COMPILED]
+        together = {name: r for name, r in runners.items() if name not in alone}
+        timings = measure_interleaved({**floors, **together}, device, keys=keys, first_outputs=firsts, **timing_kw)
+        for name in alone:
+            timings.update(measure_interleaved({name: runners[name]}, device, keys=keys, first_outputs=firsts,
+                                               **timing_kw))
         _free(device)
         if memory:
             for name, runner in runners.items():
