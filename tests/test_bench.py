@@ -16,7 +16,6 @@ import time
 import pytest
 import torch
 
-import binsparse_kernels as bk
 from binsparse_kernels import cli
 from binsparse_kernels.bench import baselines, cases, harness
 from binsparse_kernels.bench.cases import Case

@@ -4,7 +4,8 @@ Timing: after ``warmup`` untimed calls (which also compile), each timed call get
 rotating input copies (together larger than twice the L2 cache on a GPU, so no call finds its
 inputs cached), and the median of the calls is reported. GPU calls are timed with CUDA events
 (device time between two events on the stream, one synchronisation at the end), CPU calls with
-``time.perf_counter``.
+``time.perf_counter``. On a CPU a case's impls and floor measurements run in interleaved rounds
+(``measure_interleaved``), so load from other processes hits them alike; on a GPU one at a time.
 
 Memory: on a GPU, one extra call with ``torch.cuda.max_memory_allocated`` reset just before it;
 ``peak_mb`` is the allocator's peak (inputs and weights included) and ``extra_mb`` the peak above
@@ -13,7 +14,7 @@ measured (torch has no allocator statistics there); the fields are left empty.
 
 Floors, measured in the same run:
 
-* encode: the bare GEMM ``x @ W_enc.T`` in the case's dtype (the op cannot be faster than this);
+* encode: the bare GEMM ``x @ W_enc.T`` in the case's dtype (on a GPU the op cannot beat it);
 * decode: the bytes a gather-sum must move (the N*k gathered rows, the N x d output, the codes)
   at the device-to-device copy bandwidth measured here;
 * backward and step: estimates, labelled as such: bytes at the copy bandwidth (and for steps the
@@ -33,7 +34,7 @@ import statistics
 import subprocess
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
