@@ -309,3 +309,23 @@ def test_random_codes_are_distinct_per_row():
     assert all(len(set(row.tolist())) == 32 for row in idx)
     assert set(acts.unique().tolist()) == {0.0, 1.0}
     assert math.isclose(float(acts.mean()), 0.9, abs_tol=0.02)
+
+
+@pytest.mark.gpu
+def test_gpu_suite_bf16():
+    """On a GPU: every available backend and baseline in bf16, CUDA-event timing, peak memory, rotation."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    device = torch.device("cuda")
+    small = dict(N=2048, d=64, M=4096, k=16, dtype="bfloat16")
+    suite_cases = [Case("encode", "binary", **small), Case("decode", "binary", **small),
+                   Case("backward", "topk", **small), Case("step", "binary", coder="btc", **small)]
+    impls = harness.default_impls(device)
+    results = harness.run_suite(suite_cases, impls, device, options=FAST, log=None)
+    assert results.meta["device_type"] == "cuda" and results.meta["l2_mib"] > 0
+    for r in results.rows:
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["floor_ms"] > 0
+        assert r["peak_mb"] > 0 and r["extra_mb"] >= 0 and r["copies"] >= 1
+        if r.get("check_vs"):  # bf16 pre-activations in eager vs fp32 in the fused kernels
+            assert r["max_rel_diff"] < 5e-2
