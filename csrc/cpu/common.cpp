@@ -1,6 +1,7 @@
 #include "common.h"
 
 #include <algorithm>
+#include <cstring>
 
 namespace binsparse_cpu {
 
@@ -48,6 +49,19 @@ float vec_dot(const float* a, const float* b, int64_t n) {
   for (; i < n; ++i) s += a[i] * b[i];
   for (int l = 0; l < 8; ++l) s += acc[l];
   return s;
+}
+
+BINSPARSE_MULTIVERSION
+void round_to_bf16(const float* src, float* dst, int64_t n) {
+  // Round to nearest even on the upper 16 bits, NaN to the canonical quiet NaN: the same result
+  // as c10::BFloat16(float), written so that the compiler vectorizes it.
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, 4);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    r = src[i] != src[i] ? 0x7fc00000u : r;
+    std::memcpy(dst + i, &r, 4);
+  }
 }
 
 BINSPARSE_MULTIVERSION

@@ -61,12 +61,17 @@ void dispatch_float(at::ScalarType t, const char* name, F&& f) {
   }
 }
 
+void round_to_bf16(const float* src, float* dst, int64_t n);  // dst = float(bfloat16(src)), vectorized
+
 // A weight row rounded to the compute dtype C and widened to float, as `w.to(C).float()` does.
 // Without rounding to do (float weights, float compute) the row is used in place.
 template <typename C, typename W>
 inline const float* row_as_float(const W* src, int64_t n, float* buf) {
   if constexpr (std::is_same_v<W, float> && std::is_same_v<C, float>) {
     return src;
+  } else if constexpr (std::is_same_v<W, float> && std::is_same_v<C, c10::BFloat16>) {
+    round_to_bf16(src, buf, n);  // the autocast case: fp32 master weights, bf16 activations
+    return buf;
   } else {
     for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(static_cast<C>(src[i]));
     return buf;
