@@ -129,6 +129,21 @@ def test_weights_of_another_dtype_are_rounded_to_the_activation_dtype(dtype, eps
         assert torch.equal(grad_acts, torch.tensor([[2.0, -2.0]]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_weight_rounding_is_bit_exact(dtype):
+    # Rows gathered by the sparse kernels are rounded like W.to(dtype).float(), specials included.
+    M, d = 64, 40
+    W = torch.randn(M, d) * torch.logspace(-8, 8, d)
+    W[0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.3895e38, -0.0])
+    idx = torch.arange(M).view(M, 1)
+    one = torch.ones(M, 1)
+    grad_x = ops.cpu_encode_backward(one, torch.zeros(M, 1), one, torch.zeros(M, d, dtype=dtype), W, idx, 3, 1.0,
+                                     True, False, False)[0]  # grad_x[t] = 1 * rounded W[t]
+    want = W.to(dtype).float()
+    assert torch.equal(grad_x.isnan(), want.isnan())
+    assert torch.equal(grad_x.nan_to_num(0.0), want.nan_to_num(0.0))
+
+
 @pytest.mark.parametrize("M,k", [(10, 3), (5000, 7), (4100, 4100), (4100, 4097)])
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "continuous"])
 def test_ties_go_to_the_lowest_index(M, k, binary):
