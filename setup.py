@@ -43,7 +43,7 @@ def build_cuda() -> bool:
     return not missing
 
 
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+cxx_flags = ["-O3", "-fopenmp"]  # torch adds the C++ standard its headers need
 ext_modules = [
     CppExtension(
         "binsparse_kernels._C",
@@ -59,8 +59,8 @@ if build_cuda():
             "binsparse_kernels._C_cuda",
             rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu"),
             extra_compile_args={
-                "cxx": ["-O3", "-std=c++17"],
-                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+                "cxx": ["-O3"],
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
             },
         )
     )
