@@ -92,10 +92,9 @@ def _encode_backward_op(grad_acts: Tensor, grad_values: Tensor, values: Tensor, 
 @_encode_backward_op.register_fake
 def _(grad_acts, grad_values, values, x, W_enc, indices, mode, temperature, need_x, need_W, need_b, backend):
     acc = values.dtype
-    empty = values.new_empty(0)
-    return (x.new_empty(x.shape, dtype=acc) if need_x else empty,
-            W_enc.new_empty(W_enc.shape, dtype=acc) if need_W else empty,
-            W_enc.new_empty(W_enc.shape[0], dtype=acc) if need_b else empty)
+    return (x.new_empty(x.shape, dtype=acc) if need_x else values.new_empty(0),
+            W_enc.new_empty(W_enc.shape, dtype=acc) if need_W else values.new_empty(0),
+            W_enc.new_empty(W_enc.shape[0], dtype=acc) if need_b else values.new_empty(0))
 
 
 @torch.library.custom_op("binsparse::sparse_decode", mutates_args=())
@@ -122,9 +121,8 @@ def _decode_backward_op(grad_y: Tensor, indices: Tensor, acts: Tensor, W_dec: Te
 @_decode_backward_op.register_fake
 def _(grad_y, indices, acts, W_dec, binary, need_acts, need_W, backend):
     acc = _acc(acts)
-    empty = grad_y.new_empty(0, dtype=acc)
-    return (acts.new_empty(acts.shape, dtype=acc) if need_acts else empty,
-            W_dec.new_empty(W_dec.shape, dtype=acc) if need_W else empty)
+    return (acts.new_empty(acts.shape, dtype=acc) if need_acts else grad_y.new_empty(0, dtype=acc),
+            W_dec.new_empty(W_dec.shape, dtype=acc) if need_W else grad_y.new_empty(0, dtype=acc))
 
 
 # ----------------------------------------------------------------------------------------------
