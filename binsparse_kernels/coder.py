@@ -4,7 +4,7 @@ Parameter names, checkpoint layout and the ``encode``/``decode``/``forward`` sig
 EleutherAI's sparsify, so code written for it carries over:
 
     encoder.weight [M, d_in], encoder.bias [M], W_dec [M, d_out], b_dec [d_out],
-    W_skip [d_in, d_out] (skip transcoders), log_threshold [M_binary] (binary and hybrid coders).
+    W_skip [d_out, d_in] (skip transcoders: + x @ W_skip.T, sparsify's layout), log_threshold [M_binary] (binary and hybrid coders).
 
 A binary coder's checkpoint is marked by ``activation = "topk_binary"`` in cfg.json *and* the extra
 ``log_threshold`` tensor, so a loader that does not know binary coders refuses it (strict load:
@@ -164,7 +164,7 @@ class SparseCoder(nn.Module):
                 self.W_dec = nn.Parameter(self.encoder.weight.data.clone())
                 self.set_decoder_norm_to_unit_norm()
         self.b_dec = nn.Parameter(torch.zeros(self.d_out, device=device, dtype=dtype))
-        self.W_skip = (nn.Parameter(torch.zeros(d_in, self.d_out, device=device, dtype=dtype))
+        self.W_skip = (nn.Parameter(torch.zeros(self.d_out, d_in, device=device, dtype=dtype))
                        if cfg.skip_connection else None)
         n_threshold = self.binary_latents
         self.log_threshold = (nn.Parameter(torch.full((n_threshold,), math.log(cfg.init_threshold), device=device,
@@ -247,7 +247,7 @@ class SparseCoder(nn.Module):
         top_acts, top_indices, _ = self.encode(x)
         sae_out = self.decode(top_acts, top_indices)
         if self.W_skip is not None:
-            sae_out = sae_out + (x.to(sae_out.dtype) @ self.W_skip.to(sae_out.dtype))
+            sae_out = sae_out + (x.to(sae_out.dtype) @ self.W_skip.to(sae_out.dtype).T)
         zero = sae_out.new_zeros((), dtype=torch.float32)
         auxk_loss = zero
         if dead_mask is not None and auxk_alpha > 0 and bool(dead_mask.any()):
@@ -258,7 +258,7 @@ class SparseCoder(nn.Module):
             acts4, idx4, _ = self.encode(x, k4)
             out4 = self.decode(acts4, idx4)
             if self.W_skip is not None:
-                out4 = out4 + (x.to(out4.dtype) @ self.W_skip.to(out4.dtype))
+                out4 = out4 + (x.to(out4.dtype) @ self.W_skip.to(out4.dtype).T)
             multi_topk_fvu = fvu(y, out4)
         return ForwardOutput(sae_out, top_acts, top_indices, fvu(y, sae_out), auxk_loss, multi_topk_fvu)
 

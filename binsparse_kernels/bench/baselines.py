@@ -258,5 +258,5 @@ def coder_fvu(coder, impl: Impl, x: Tensor, y: Tensor | None) -> Tensor:
                                    cfg.binary, cfg.ste_temperature)
     out = impl.decode(indices, acts, coder.W_dec, coder.b_dec, cfg.binary)
     if coder.W_skip is not None:
-        out = out + (x.to(out.dtype) @ coder.W_skip.to(out.dtype))
+        out = out + (x.to(out.dtype) @ coder.W_skip.to(out.dtype).T)
     return fvu(y, out)

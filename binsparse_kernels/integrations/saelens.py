@@ -376,8 +376,8 @@ def binsparse_disk_loader(path: str | Path, device: str = "cpu", cfg_overrides: 
         cfg_class = BinsparseSAEConfig
         if activation == "topk_binary":
             weights["log_threshold"] = state["log_threshold"]
-        if skip:  # ours: x @ W_skip with W_skip [d_in, d_out]; SAELens: x @ W_skip.T with [d_out, d_in]
-            weights["W_skip"] = state["W_skip"].T.contiguous()
+        if skip:  # both apply x @ W_skip.T with W_skip [d_out, d_in]
+            weights["W_skip"] = state["W_skip"]
 
     metadata: dict[str, Any] = {
         "sae_lens_version": sae_lens.__version__, "hook_name": hook_name or path.name, "model_name": model_name,

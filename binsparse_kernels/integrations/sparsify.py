@@ -375,13 +375,6 @@ def sparsify_patched(backend: Optional[str] = None, *, trainer: bool = True):
 # ------------------------------------------------------------------------------------------------
 
 
-def _skip_to_sparsify(W_skip: Tensor) -> Tensor:
-    # Our SparseCoder applies ``x @ W_skip`` (W_skip [d_in, d_out]); sparsify applies
-    # ``x @ W_skip.mT`` (W_skip [d_out, d_in]). Same shape when d_in == d_out, so it must be
-    # transposed explicitly or the skip path is silently wrong.
-    return W_skip.detach().mT.contiguous()
-
-
 def to_sparsify(coder: "_bk_coder.SparseCoder", *, backend: Optional[str] = None) -> SparsifySparseCoder:
     """The same coder as a sparsify module: sparsify's own ``SparseCoder`` for continuous TopK coders,
     ``BinarySparseCoder`` for binary ones. Hybrid coders and transcoders with ``d_out != d_in`` have
@@ -402,9 +395,8 @@ def to_sparsify(coder: "_bk_coder.SparseCoder", *, backend: Optional[str] = None
     else:
         sae = SparsifySparseCoder(coder.d_in, SparseCoderConfig(activation="topk", **common), coder.device,
                                   coder.dtype, decoder=decoder)
+    # Same tensor names and layouts (W_skip [d_out, d_in] in both), so the state loads as is.
     state = {name: t.detach() for name, t in coder.state_dict().items()}
-    if "W_skip" in state:
-        state["W_skip"] = _skip_to_sparsify(state["W_skip"])
     sae.load_state_dict(state, strict=True)
     return sae
 
@@ -424,8 +416,6 @@ def from_sparsify(sae: SparsifySparseCoder, *, backend: Optional[str] = None) ->
     coder = _bk_coder.SparseCoder(sae.d_in, ours, device=sae.device, dtype=sae.dtype,
                                   decoder=sae.W_dec is not None, backend=backend)
     state = {name: t.detach() for name, t in sae.state_dict().items()}
-    if "W_skip" in state:
-        state["W_skip"] = state["W_skip"].mT.contiguous()
     coder.load_state_dict(state, strict=True)
     return coder
 
