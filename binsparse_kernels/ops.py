@@ -148,6 +148,8 @@ def _binary_encode_backward(ctx, grad_acts, _grad_indices, grad_values, _grad_va
     need_x, need_W, need_b, need_t = ctx.needs_input_grad[:4]
     if not (need_x or need_W or need_b or need_t):
         return (None,) * 8
+    # upstream gradients may be expanded or strided; backends take contiguous tensors
+    grad_acts, grad_values = grad_acts.contiguous(), grad_values.contiguous()
     gx, gW, gb = _encode_backward_op(grad_acts, grad_values, values, x, W_enc, indices, ctx.mode,
                                      ctx.temperature, need_x, need_W, need_b or need_t, ctx.backend)
     grad_theta = None
@@ -171,7 +173,7 @@ def _encode_backward(ctx, grad_acts, _grad_indices, _grad_values_f32=None):
     if not (need_x or need_W or need_b):
         return (None,) * 5
     zeros = torch.zeros_like(values)
-    gx, gW, gb = _encode_backward_op(grad_acts, zeros, values, x, W_enc, indices, STE_MODES["relu"], 1.0,
+    gx, gW, gb = _encode_backward_op(grad_acts.contiguous(), zeros, values, x, W_enc, indices, STE_MODES["relu"], 1.0,
                                      need_x, need_W, need_b, ctx.backend)
     return (_cast(gx, x) if need_x else None, _cast(gW, W_enc) if need_W else None,
             _cast(gb, W_enc) if need_b else None, None, None)
