@@ -1,0 +1,280 @@
+"""``binsparse eval CHECKPOINT...``: evaluate sparse coders on held-out tokens, JSON out and a table.
+
+A CHECKPOINT is a run folder (``<run>/<variant>/<hookpoint>/cfg.json``), a variant folder
+(``<variant>/<hookpoint>/cfg.json``) or one hookpoint folder (``<hookpoint>/cfg.json``). Each variant
+(e.g. binary, topk, hybrid) is evaluated with all its hookpoints, one at a time and all at once.
+
+Metrics (see ``metrics.py`` for the exact definitions): FVU and explained variance, MSE, cosine
+similarity, l2 ratio, relative reconstruction bias; CE increase, KL(clean || spliced), next-token
+accuracy drop, ce_loss_score and kl_div_score with the coder spliced into the LM; L0 (firing
+latents: for binary codes acts == 1), L1, dead latents (never fired on the evaluated tokens),
+latents firing on > 1%, > 10%, > 50% of tokens, the log10 firing-rate histogram; and the offline
+token-set interpretability *proxy* (``interp.py``; not the paper's LLM-scored F1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..coder import SparseCoder
+from . import _lm
+from .interp import export_delphi_cache, token_proxy
+from .metrics import nan_to_none
+from .splice import EvalResult, evaluate
+
+VARIANT_NAMES = {"topk_binary": "binary", "topk": "topk", "topk_hybrid": "hybrid"}
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+
+def discover_checkpoints(paths) -> dict[str, dict[str, Path]]:
+    """{variant: {hookpoint: checkpoint folder}} from run, variant or hookpoint folders.
+
+    Folders deeper than <run>/<variant>/<hookpoint> (e.g. copies under ``best/``) are not picked up
+    from a run folder; pass them explicitly.
+    """
+    found: dict[str, dict[str, Path]] = {}
+    sources: dict[str, Path] = {}
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise FileNotFoundError(f"checkpoint path does not exist: {p}")
+        if (p / "cfg.json").is_file():
+            entries = [(p.parent.name or "coder", p.name, p)]
+        else:
+            entries = []
+            for cfg in sorted(p.glob("*/cfg.json")):  # a variant folder
+                entries.append((p.name, cfg.parent.name, cfg.parent))
+            for cfg in sorted(p.glob("*/*/cfg.json")):  # a run folder
+                entries.append((cfg.parent.parent.name, cfg.parent.name, cfg.parent))
+            if not entries:
+                raise FileNotFoundError(f"no sparse coder checkpoints (<hookpoint>/cfg.json) in {p} or its "
+                                        f"variant folders")
+        for variant, hookpoint, folder in entries:
+            key = variant
+            if key in found and sources[key] != folder.parent:
+                key = f"{folder.parent.parent.name}/{variant}"  # same variant name from two runs
+            if key in found and hookpoint in found[key] and found[key][hookpoint] != folder:
+                raise ValueError(f"two checkpoints for variant {key!r}, hookpoint {hookpoint!r}: "
+                                 f"{found[key][hookpoint]} and {folder}")
+            found.setdefault(key, {})[hookpoint] = folder
+            sources.setdefault(key, folder.parent)
+    return found
+
+
+def load_coders(checkpoints: dict[str, dict[str, Path]], device) -> dict[str, dict[str, SparseCoder]]:
+    return {v: {h: SparseCoder.load_from_disk(path, device=device) for h, path in hooks.items()}
+            for v, hooks in checkpoints.items()}
+
+
+# -- evaluation driver (shared with the report) ----------------------------------------------------
+
+
+@dataclass
+class EvalOptions:
+    batch_size: int = 8
+    interp: bool = True
+    proxy_max_tokens: int = 10
+    proxy_min_examples: int = 10
+    proxy_examples: int = 100
+    seed: int = 0
+
+
+def run_evaluation(model, coder_sets: dict[str, dict[str, SparseCoder]], tokens: torch.Tensor,
+                   opts: EvalOptions = EvalOptions(), *, keep_codes: bool = False, log=None) -> EvalResult:
+    """Evaluate the coder sets on ``tokens`` [n, T]; adds the interpretability proxy to the results."""
+    total = tokens.numel()
+    done = [0]
+    start = time.time()
+
+    def progress(n):
+        done[0] += n
+        if log is not None:
+            rate = done[0] / max(time.time() - start, 1e-9)
+            log(f"  evaluated {done[0]:,}/{total:,} tokens ({rate:,.0f} tokens/s per pass)")
+
+    res = evaluate(model, coder_sets, _lm.iter_batches(tokens, opts.batch_size),
+                   keep_codes=opts.interp or keep_codes, progress=progress)
+    for v, coders in coder_sets.items():
+        entry = res.results["variants"][v]
+        summaries = []
+        res.proxies[v] = {}
+        for h, coder in coders.items():
+            if not opts.interp:
+                continue
+            if tokens.shape[0] < 2:
+                entry["hookpoints"][h]["interp_proxy"] = None
+                continue
+            indices, acts = res.codes[v][h]
+            proxy = token_proxy(res.tokens, indices, acts, coder.num_latents, max_tokens=opts.proxy_max_tokens,
+                                n_examples=opts.proxy_examples, min_examples=opts.proxy_min_examples, seed=opts.seed)
+            res.proxies[v][h] = proxy
+            summary = proxy.summary()
+            entry["hookpoints"][h]["interp_proxy"] = summary
+            summaries.append(summary)
+        scored = [s for s in summaries if s["n_scored"]]
+        if scored:  # per hookpoint, then averaged over hookpoints (as the paper does)
+            entry["interp_proxy"] = {key: sum(s[key] for s in scored) / len(scored)
+                                     for key in ("f1_mean", "f1_weighted", "f1_natural_mean", "f1_natural_weighted")}
+    return res
+
+
+# -- table -----------------------------------------------------------------------------------------
+
+TABLE_COLUMNS = [
+    ("variant", None), ("hookpoint", None), ("FVU", "fvu"), ("CE incr", "ce_increase"), ("KL", "kl_div"),
+    ("acc drop", "accuracy_drop"), ("CE score", "ce_loss_score"), ("L0", "l0"), ("dead %", "dead_fraction"),
+    (">10%", "count_over_10pct"), (">50%", "count_over_50pct"), ("F1 proxy", "f1_mean"),
+    ("F1 proxy w", "f1_weighted"),
+]
+
+
+def _fmt(key, value) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    if key == "dead_fraction":
+        return f"{100 * value:.1f}"
+    if isinstance(value, int):
+        return str(value)
+    if key in ("kl_div", "ce_increase", "accuracy_drop"):
+        return f"{value:.4f}"
+    return f"{value:.3f}"
+
+
+def table_rows(results: dict) -> list[list[str]]:
+    """One row per (variant, hookpoint), plus an "all" row per multi-hookpoint variant."""
+    rows = []
+    for v, entry in results["variants"].items():
+        for h, m in entry["hookpoints"].items():
+            proxy = m.get("interp_proxy") or {}
+            row = [v, h]
+            for _, key in TABLE_COLUMNS[2:]:
+                row.append(_fmt(key, proxy.get(key) if key.startswith("f1") else m.get(key)))
+            rows.append(row)
+        if "all_hookpoints" in entry:
+            a = entry["all_hookpoints"]
+            proxy = entry.get("interp_proxy") or {}
+            row = [v, "all at once"]
+            for _, key in TABLE_COLUMNS[2:]:
+                if key in ("ce_increase", "kl_div", "accuracy_drop"):
+                    row.append(_fmt(key, a.get(key)))
+                elif key.startswith("f1"):
+                    row.append(_fmt(key, proxy.get(key)))  # mean over hookpoints
+                else:
+                    row.append("")
+            rows.append(row)
+    return rows
+
+
+def format_table(results: dict, markdown: bool = False) -> str:
+    header = [name for name, _ in TABLE_COLUMNS]
+    rows = table_rows(results)
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+# -- command ---------------------------------------------------------------------------------------
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, data and budget options, shared by ``binsparse eval`` and ``binsparse report``."""
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--model", default=None,
+                   help="a GGUF file, a local HF model folder or a hub name (default: the trainer's offline SmolLM2)")
+    g.add_argument("--dataset", default=None,
+                   help="held-out text: .txt/.jsonl files or a folder of them, or a Hugging Face dataset name "
+                        "(default: the trainer's held-out default corpus)")
+    g.add_argument("--split", default="train", help="dataset split (Hugging Face datasets)")
+    g.add_argument("--text_column", default="text")
+    g.add_argument("--ctx_len", type=int, default=1024, help="tokens per evaluated sequence")
+    g.add_argument("--tokens", type=int, default=2**16, help="token budget: evaluate tokens // ctx_len sequences")
+    g.add_argument("--batch_size", type=int, default=8, help="sequences per LM forward")
+    g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="LM dtype (the coders keep their checkpoint dtype)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no_interp", action="store_true", help="skip the interpretability proxy")
+    g.add_argument("--proxy_max_tokens", type=int, default=10, help="proxy: most tokens in an explanation")
+    g.add_argument("--proxy_min_examples", type=int, default=10,
+                   help="proxy: firings needed on the explanation half to score a latent")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                        help="run folders, variant folders or hookpoint folders")
+    add_data_arguments(parser)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--delphi_cache", default=None,
+                        help="also export the latent activations in delphi's cache format into this folder "
+                             "(one subfolder per variant)")
+    parser.add_argument("--delphi_splits", type=int, default=5)
+
+
+def options_from_args(args) -> EvalOptions:
+    for name in ("ctx_len", "tokens", "batch_size", "proxy_max_tokens", "proxy_min_examples"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return EvalOptions(batch_size=args.batch_size, interp=not args.no_interp, proxy_max_tokens=args.proxy_max_tokens,
+                       proxy_min_examples=args.proxy_min_examples, seed=args.seed)
+
+
+def prepare(args, log=print):
+    """(model, tokenizer, model label, tokens, device) for the eval/report commands."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    log(f"loading the model ({args.model or 'default: offline SmolLM2'}) on {device}")
+    model, tokenizer, label = _lm.load_model(args.model, device=device, dtype=dtype)
+    tokens = _lm.load_eval_tokens(tokenizer, dataset=args.dataset, split=args.split, text_column=args.text_column,
+                                  ctx_len=args.ctx_len, n_tokens=args.tokens, seed=args.seed)
+    log(f"evaluating on {tokens.shape[0]} sequences x {tokens.shape[1]} tokens")
+    return model, tokenizer, label, tokens, device
+
+
+def dataset_info(args) -> dict:
+    return {"dataset": args.dataset or "default (trainer's held-out corpus)", "split": args.split,
+            "text_column": args.text_column, "ctx_len": args.ctx_len, "token_budget": args.tokens, "seed": args.seed}
+
+
+def run(args) -> int:
+    opts = options_from_args(args)
+    log = lambda msg: print(msg, file=sys.stderr)
+    checkpoints = discover_checkpoints(args.checkpoints)
+    model, tokenizer, label, tokens, device = prepare(args, log)
+    coder_sets = load_coders(checkpoints, device)
+    res = run_evaluation(model, coder_sets, tokens, opts, keep_codes=bool(args.delphi_cache), log=log)
+    results = {"model": label, "data": dataset_info(args),
+               "checkpoints": {v: {h: str(p) for h, p in hooks.items()} for v, hooks in checkpoints.items()},
+               **res.results}
+    print(format_table(results))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(nan_to_none(results), indent=2))
+        log(f"wrote {out}")
+    if args.delphi_cache:
+        for v, coders in coder_sets.items():
+            folder = Path(args.delphi_cache) / re.sub(r"[^A-Za-z0-9_.-]+", "_", v)
+            export_delphi_cache(folder, res.tokens, res.codes[v], {h: c.num_latents for h, c in coders.items()},
+                                n_splits=args.delphi_splits, model_name=label,
+                                dataset={"dataset_repo": args.dataset or "", "dataset_split": args.split,
+                                         "dataset_column": args.text_column, "dataset_row": args.text_column})
+            log(f"wrote delphi cache {folder}")
+        if any(c.cfg.binary or c.cfg.hybrid for cs in coder_sets.values() for c in cs.values()):
+            log("note: binary latents all have activation 1, so delphi's quantile sampling degenerates for them; "
+                "see README.md in the cache folder")
+    return 0

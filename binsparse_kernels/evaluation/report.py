@@ -1,0 +1,417 @@
+"""``binsparse report RUNS... --out DIR``: what binarisation does, measured, in one folder.
+
+The folder holds ``report.md`` (side-by-side table of the variants, per-hookpoint table, notes on
+the metrics), ``results.json`` (everything ``binsparse eval`` computes), and PNG plots: overlaid
+log-scale firing-rate histograms, FVU-vs-step curves from the runs' ``metrics.jsonl`` and, in the
+markdown, top activating contexts for a few latents of each coder. ``build_default_report(run_dir)``
+is what the trainer's default run calls when it finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import _lm
+from .cli import (EvalOptions, add_data_arguments, dataset_info, discover_checkpoints, format_table, load_coders,
+                  options_from_args, prepare, run_evaluation)
+from .interp import render_context, top_contexts
+from .metrics import nan_to_none
+
+VARIANT_ORDER = ["binary", "topk", "hybrid"]
+SUMMARY_ROWS = [  # (label, key, where): where = "hook" (mean over hookpoints), "all", or "proxy"
+    ("FVU", "fvu", "hook"),
+    ("explained variance", "explained_variance", "hook"),
+    ("CE increase (nats)", "ce_increase", "hook"),
+    ("KL(clean || spliced)", "kl_div", "hook"),
+    ("next-token accuracy drop", "accuracy_drop", "hook"),
+    ("ce_loss_score", "ce_loss_score", "hook"),
+    ("kl_div_score", "kl_div_score", "hook"),
+    ("CE increase, all hookpoints at once", "ce_increase", "all"),
+    ("KL, all hookpoints at once", "kl_div", "all"),
+    ("L0 (firing latents per token)", "l0", "hook"),
+    ("dead fraction (never fired)", "dead_fraction", "hook"),
+    ("latents firing on >10% of tokens", "count_over_10pct", "hook"),
+    ("latents firing on >50% of tokens", "count_over_50pct", "hook"),
+    ("proxy F1 (plain mean)", "f1_mean", "proxy"),
+    ("proxy F1 (frequency-weighted)", "f1_weighted", "proxy"),
+    ("cosine similarity", "cossim", "hook"),
+    ("relative reconstruction bias", "relative_reconstruction_bias", "hook"),
+]
+
+
+def _variant_sort_key(name: str):
+    base = name.split("/")[-1]
+    return (VARIANT_ORDER.index(base) if base in VARIANT_ORDER else len(VARIANT_ORDER), name)
+
+
+def _mean(values):
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def summary_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Rows = metrics, columns = variants; per-hookpoint metrics averaged over the variant's hookpoints."""
+    variants = sorted(results["variants"], key=_variant_sort_key)
+    header = ["metric"] + variants
+    rows = []
+    for label, key, where in SUMMARY_ROWS:
+        row = [label]
+        for v in variants:
+            entry = results["variants"][v]
+            if where == "hook":
+                value = _mean([m.get(key) for m in entry["hookpoints"].values()])
+            elif where == "all":
+                value = entry.get("all_hookpoints", {}).get(key, float("nan"))
+            else:
+                value = (entry.get("interp_proxy") or {}).get(key, float("nan"))
+            row.append(_format(key, value))
+        rows.append(row)
+    return header, rows
+
+
+def _format(key, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if key == "dead_fraction":
+        return f"{100 * value:.1f}%"
+    if key.startswith("count_"):
+        return f"{value:.1f}" if value != int(value) else str(int(value))
+    if key in ("kl_div", "ce_increase", "accuracy_drop", "mse"):
+        return f"{value:.4f}"
+    return f"{value:.3f}"
+
+
+def _md_table(header, rows) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+# -- metrics.jsonl -----------------------------------------------------------------------------------
+
+
+def read_fvu_curves(variant_dir: Path, variant: str) -> dict[str, tuple[list[float], list[float]]]:
+    """{hookpoint: (steps, fvu)} from the training metrics next to a variant's checkpoints.
+
+    Looks at ``<variant_dir>/metrics.jsonl`` then ``<run_dir>/metrics.jsonl``. A line holds ``step``
+    (else ``tokens``) and ``fvu/<hookpoint>`` keys; in a run-level file lines are matched to the
+    variant by a ``variant`` field or by ``fvu/<variant>/<hookpoint>`` keys.
+    """
+    curves: dict[str, tuple[list, list]] = {}
+    for path in (variant_dir / "metrics.jsonl", variant_dir.parent / "metrics.jsonl"):
+        if not path.is_file():
+            continue
+        run_level = path.parent != variant_dir
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being written while we read
+            if not isinstance(rec, dict):
+                continue
+            x = rec.get("step", rec.get("tokens"))
+            if x is None:
+                continue
+            if run_level and "variant" in rec and rec["variant"] != variant:
+                continue
+            for key, value in rec.items():
+                if not key.startswith("fvu/") or not isinstance(value, (int, float)):
+                    continue
+                hook = key[4:]
+                if run_level and "variant" not in rec:
+                    if not hook.startswith(variant + "/"):
+                        continue
+                    hook = hook[len(variant) + 1:]
+                xs, ys = curves.setdefault(hook, ([], []))
+                xs.append(float(x))
+                ys.append(float(value))
+        if curves:
+            break
+    return curves
+
+
+# -- plots -------------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_firing_histograms(results: dict, path: Path) -> Path:
+    plt = _plt()
+    hooks = sorted({h for e in results["variants"].values() for h in e["hookpoints"]})
+    ncols = min(2, len(hooks))
+    nrows = math.ceil(len(hooks) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 3.8 * nrows), squeeze=False)
+    for ax, hook in zip(axes.flat, hooks):
+        for v in sorted(results["variants"], key=_variant_sort_key):
+            m = results["variants"][v]["hookpoints"].get(hook)
+            if m is None:
+                continue
+            hist = m["firing_hist"]
+            ax.stairs(hist["counts"], hist["log10_edges"], label=f"{v} (dead: {hist['dead']})", linewidth=1.6)
+        for x, name in ((-1.0, "10%"), (math.log10(0.5), "50%")):
+            ax.axvline(x, color="grey", linestyle=":", linewidth=1)
+            ax.text(x, ax.get_ylim()[1] * 0.95, name, color="grey", ha="right", va="top", fontsize=8)
+        ax.set_yscale("symlog", linthresh=1)
+        ax.set_xlabel("log10(firing rate)")
+        ax.set_ylabel("latents")
+        ax.set_title(hook)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(hooks):]:
+        ax.axis("off")
+    fig.suptitle(f"Latent firing rates on {results['n_tokens']:,} held-out tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_fvu_curves(curves: dict[str, dict[str, tuple[list, list]]], path: Path) -> Optional[Path]:
+    """curves[variant][hookpoint] = (steps, fvu); None when no run has training metrics."""
+    hooks = sorted({h for per_hook in curves.values() for h in per_hook})
+    if not hooks:
+        return None
+    plt = _plt()
+    ncols = min(2, len(hooks))
+    nrows = math.ceil(len(hooks) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 3.8 * nrows), squeeze=False)
+    for ax, hook in zip(axes.flat, hooks):
+        for v in sorted(curves, key=_variant_sort_key):
+            if hook in curves[v]:
+                xs, ys = curves[v][hook]
+                ax.plot(xs, ys, label=v, linewidth=1.4)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training FVU")
+        ax.set_yscale("log")
+        ax.set_title(hook)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(hooks):]:
+        ax.axis("off")
+    fig.suptitle("FVU during training (training batches, from metrics.jsonl)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# -- contexts ----------------------------------------------------------------------------------------
+
+
+def _decoder(tokenizer):
+    if tokenizer is None:
+        return lambda ids: "".join(f"<{i}>" for i in ids)
+    return lambda ids: tokenizer.decode(ids)
+
+
+def context_section(res, coder_sets, tokenizer, *, n_latents: int = 5, n_contexts: int = 3, seed: int = 0) -> str:
+    """Markdown: for each coder, its two most frequent latents plus a seeded random draw of scored latents."""
+    decode = _decoder(tokenizer)
+    out = []
+    g = torch.Generator().manual_seed(seed)
+    for v in sorted(coder_sets, key=_variant_sort_key):
+        for h, coder in coder_sets[v].items():
+            counts = res.firing_counts[v][h]
+            n_tok = res.tokens.numel()
+            chosen = [int(i) for i in torch.argsort(counts, descending=True)[:2] if counts[i] > 0]
+            proxy = res.proxies.get(v, {}).get(h)
+            pool = proxy.latents if proxy is not None and proxy.latents.numel() else (counts > 0).nonzero().squeeze(1)
+            pool = pool[~torch.isin(pool, torch.tensor(chosen, dtype=pool.dtype))] if chosen else pool
+            extra = pool[torch.randperm(pool.numel(), generator=g)[:max(0, n_latents - len(chosen))]].tolist()
+            out.append(f"### {v} / {h}\n")
+            if not chosen and not extra:
+                out.append("No latent fired on the evaluated tokens.\n")
+                continue
+            for latent in chosen + extra:
+                rate = float(counts[latent]) / n_tok
+                line = f"- **latent {latent}** (fires on {100 * rate:.3g}% of tokens"
+                if proxy is not None and bool((proxy.latents == latent).any()):
+                    f1 = float(proxy.f1[proxy.latents == latent][0])
+                    expl = ", ".join(repr(decode([t])) for t in proxy.explanation(latent)) or "(empty)"
+                    line += f"; proxy explanation {{{expl}}}, F1 {f1:.2f}"
+                out.append(line + ")")
+                for seq, pos, act in top_contexts(res.tokens, *res.codes[v][h], latent, n=n_contexts, seed=seed):
+                    text = render_context(res.tokens, seq, pos, decode).replace("|", "\\|").replace("`", "'")
+                    out.append(f"    - act {act:.3g}: `{text}`")
+            out.append("")
+    return "\n".join(out)
+
+
+# -- the report --------------------------------------------------------------------------------------
+
+METRIC_NOTES = """\
+## How the numbers are computed
+
+- **FVU** = sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 over all evaluated tokens (mean over those
+  tokens); explained variance = 1 - FVU. For transcoders y is the MLP output, predicted from the
+  MLP input.
+- **CE increase / KL / accuracy drop**: the coder's output replaces the hooked activation in the LM
+  forward pass (transcoders replace the MLP output, computed from its input; SAEs replace the
+  hooked output), one hookpoint at a time, and all of a variant's hookpoints at once. KL is
+  KL(clean || spliced) per predicted token. ce_loss_score = (CE_zero - CE_spliced) / (CE_zero - CE_clean)
+  and kl_div_score = (KL_zero - KL_spliced) / KL_zero, with the hooked output zero-ablated as the baseline.
+- **L0** counts latents that *fire*: for binary latents acts == 1 (a latent among the top k whose
+  pre-activation did not pass its threshold does not count). **Dead** = never fired on the evaluated
+  tokens (an estimate over this eval window, not the trainer's 10M-token counter).
+- **Proxy F1 is not the paper's interpretability score.** The paper explains latents with an LLM
+  and scores explanations with delphi. Here, offline and with no LLM, a latent's "explanation" is the
+  small set of tokens most over-represented where it fires (built on one half of the evaluated
+  sequences) and it is scored by detection F1 on the other half (predict "fires" iff the current
+  token is in the set; balanced F1 as in delphi's detection scoring). It measures how
+  token-specific a latent is, nothing more: context-dependent or abstract latents score low even
+  when they are interpretable. Plain mean F1 and frequency-weighted F1 (sum F1_i c_i / sum c_i,
+  c_i = firing count) are computed per hookpoint, then averaged. For the real metric, export a
+  delphi cache with `binsparse eval --delphi_cache DIR` (binary latents: all activations are 1, so
+  delphi's quantile sampling degenerates; use its random sampler).
+"""
+
+
+def _observations(results: dict) -> str:
+    """A few sentences comparing binary and TopK where both are present, computed from the numbers."""
+    v = results["variants"]
+    names = {n.split("/")[-1]: n for n in v}
+    if "binary" not in names or "topk" not in names:
+        return ""
+    b, t = v[names["binary"]], v[names["topk"]]
+
+    def mean(entry, key):
+        return _mean([m.get(key) for m in entry["hookpoints"].values()])
+
+    lines = ["## Binary vs TopK on these runs", ""]
+    for label, key in (("FVU", "fvu"), ("CE increase", "ce_increase"), ("KL", "kl_div"), ("L0", "l0"),
+                       ("dead fraction", "dead_fraction"), ("latents on >10% of tokens", "count_over_10pct"),
+                       ("latents on >50% of tokens", "count_over_50pct")):
+        bv, tv = mean(b, key), mean(t, key)
+        if math.isnan(bv) or math.isnan(tv):
+            continue
+        rel = f" ({bv / tv:.2f}x)" if tv not in (0, 0.0) and key not in ("dead_fraction",) else ""
+        lines.append(f"- {label}: binary {_format(key, bv)} vs TopK {_format(key, tv)}{rel} (mean over hookpoints)")
+    bp, tp = b.get("interp_proxy") or {}, t.get("interp_proxy") or {}
+    if bp and tp:
+        lines.append(f"- proxy F1 plain: binary {bp['f1_mean']:.3f} vs TopK {tp['f1_mean']:.3f}; "
+                     f"frequency-weighted: binary {bp['f1_weighted']:.3f} vs TopK {tp['f1_weighted']:.3f}")
+    lines.append("")
+    lines.append("These are measurements on the runs above, at their training budget; small or short runs need not "
+                 "reproduce the paper's findings.")
+    return "\n".join(lines) + "\n"
+
+
+def build_report(runs, out_dir, *, model, tokenizer, tokens: torch.Tensor, model_label: str = "",
+                 opts: EvalOptions = EvalOptions(), data: Optional[dict] = None, device=None, log=None) -> Path:
+    """Evaluate every variant found in ``runs`` on ``tokens`` and write the report folder ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints = discover_checkpoints(runs)
+    device = device or next(model.parameters()).device
+    coder_sets = load_coders(checkpoints, device)
+    res = run_evaluation(model, coder_sets, tokens, opts, keep_codes=True, log=log)
+    results = {"model": model_label, "data": data or {},
+               "checkpoints": {v: {h: str(p) for h, p in hooks.items()} for v, hooks in checkpoints.items()},
+               **res.results}
+    (out / "results.json").write_text(json.dumps(nan_to_none(results), indent=2))
+
+    plot_firing_histograms(results, out / "firing_rates.png")
+    curves = {}
+    for v, hooks in checkpoints.items():
+        variant_dir = next(iter(hooks.values())).parent
+        c = read_fvu_curves(variant_dir, v.split("/")[-1])
+        if c:
+            curves[v] = c
+    fvu_plot = plot_fvu_curves(curves, out / "fvu_curves.png")
+
+    header, rows = summary_table(results)
+    md = [
+        "# Binary vs continuous sparse coders: the comparison report",
+        "",
+        f"- model: {model_label or 'unknown'}",
+        f"- held-out data: {json.dumps(data or {})}",
+        f"- evaluated: {results['n_sequences']} sequences x {results['ctx_len']} tokens = {results['n_tokens']:,} "
+        f"tokens; clean CE {results['clean']['ce_loss']:.4f} nats, clean next-token accuracy "
+        f"{results['clean']['accuracy']:.4f}",
+        "- variants: " + ", ".join(f"{v} ({len(h)} hookpoint{'s' * (len(h) != 1)}: {', '.join(h)})"
+                                   for v, h in sorted(checkpoints.items(), key=lambda kv: _variant_sort_key(kv[0]))),
+        "",
+        "## Side by side (mean over hookpoints)",
+        "",
+        _md_table(header, rows),
+        "",
+        _observations(results),
+        "## Per hookpoint",
+        "",
+        format_table(results, markdown=True),
+        "",
+        "## Firing rates",
+        "",
+        "![firing-rate histograms](firing_rates.png)",
+        "",
+        "Histograms of log10(firing rate) of the live latents (dead latents are counted in the legend). "
+        "Dotted lines: 10% and 50% of tokens.",
+        "",
+        "## FVU during training",
+        "",
+        "![FVU vs step](fvu_curves.png)" if fvu_plot else "No metrics.jsonl found next to the checkpoints.",
+        "",
+        METRIC_NOTES,
+        "## Top activating contexts",
+        "",
+        "The marked token is `[[token]]`. Binary latents have activation 1 wherever they fire, so their "
+        "'top' contexts are a seeded random draw of their firings.",
+        "",
+        context_section(res, coder_sets, tokenizer, seed=opts.seed),
+    ]
+    (out / "report.md").write_text("\n".join(md))
+    if log is not None:
+        log(f"wrote {out / 'report.md'}")
+    return out
+
+
+def build_default_report(run_dir, out_dir=None, *, model=None, tokenizer=None, tokens=None, model_label=None,
+                         n_tokens: int = 2**16, ctx_len: int = 1024, batch_size: int = 8, dataset=None,
+                         device=None, log=print) -> Path:
+    """The report for a finished run: ``<run_dir>/report`` unless ``out_dir`` is given.
+
+    Pass the already-loaded ``model``/``tokenizer`` (and held-out ``tokens`` [n, T]) to avoid loading
+    them again; otherwise the default offline model and the default held-out corpus are used.
+    """
+    if model is None:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer, label = _lm.load_model(None, device=device)
+        model_label = model_label or label
+    if tokens is None:
+        if tokenizer is None:
+            raise ValueError("build_default_report needs a tokenizer to read the held-out text (or tokens)")
+        tokens = _lm.load_eval_tokens(tokenizer, dataset=dataset, split="train", text_column="text", ctx_len=ctx_len,
+                                      n_tokens=n_tokens)
+    data = {"dataset": dataset or "default (trainer's held-out corpus)", "ctx_len": int(tokens.shape[1]),
+            "tokens": int(tokens.numel())}
+    return build_report([run_dir], out_dir or Path(run_dir) / "report", model=model, tokenizer=tokenizer,
+                        tokens=tokens, model_label=model_label or "", opts=EvalOptions(batch_size=batch_size),
+                        data=data, device=device, log=log)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or variant / hookpoint folders)")
+    parser.add_argument("--out", required=True, help="the report folder to write")
+    add_data_arguments(parser)
+
+
+def run(args) -> int:
+    opts = options_from_args(args)
+    log = lambda msg: print(msg, file=sys.stderr)
+    discover_checkpoints(args.runs)  # fail on bad paths before loading the model
+    model, tokenizer, label, tokens, device = prepare(args, log)
+    out = build_report(args.runs, args.out, model=model, tokenizer=tokenizer, tokens=tokens, model_label=label,
+                       opts=opts, data=dataset_info(args), device=device, log=log)
+    print(out / "report.md")
+    return 0
