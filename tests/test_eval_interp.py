@@ -85,7 +85,9 @@ def test_top_contexts_and_rendering():
     top = top_contexts(tokens, indices, acts, 0, n=2)
     assert [(s, p) for s, p, _ in top] == [(0, 2), (0, 0)]
     text = render_context(tokens, 0, 2, lambda ids: " ".join(f"w{i}" for i in ids), before=1, after=1)
-    assert text == "w2[[w3]]w4"
+    assert text == "w2 [[w3]] w4"
+    text = render_context(tokens, 1, 0, lambda ids: "".join(f"<{i}>" for i in ids), before=4, after=2)
+    assert text == "[[<5>]]<6><7>"
 
 
 def test_delphi_export_round_trip(tmp_path):

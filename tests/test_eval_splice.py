@@ -25,7 +25,12 @@ def tiny_lm(vocab_size: int = 64, hidden: int = 16, layers: int = 2, seed: int =
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128)
-    return LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # activations of a realistic size (the default init gives norms ~0.1) and MLPs that matter
+        model.model.embed_tokens.weight.mul_(50)
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.mul_(30)
+    return model
 
 
 def word_tokenizer():
@@ -96,9 +101,6 @@ def manual_ce(model, batches, replace=None):
 @pytest.fixture(scope="module")
 def lm_and_batches():
     model = tiny_lm()
-    with torch.no_grad():  # make the MLPs matter, so zero-ablating one changes the loss clearly
-        for layer in model.model.layers:
-            layer.mlp.down_proj.weight.mul_(30)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 64, (3, 24), generator=g) for _ in range(2)]
     return model, batches

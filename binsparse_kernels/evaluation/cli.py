@@ -278,3 +278,14 @@ def run(args) -> int:
             log("note: binary latents all have activation 1, so delphi's quantile sampling degenerates for them; "
                 "see README.md in the cache folder")
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m binsparse_kernels.evaluation.cli``: the same as ``binsparse eval``."""
+    parser = argparse.ArgumentParser(prog="binsparse eval", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return int(run(parser.parse_args(argv)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

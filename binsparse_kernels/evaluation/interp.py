@@ -203,12 +203,21 @@ def top_contexts(tokens: Tensor, indices: Tensor, acts: Tensor, latent: int, *, 
 
 
 def render_context(tokens: Tensor, seq: int, pos: int, decode, *, before: int = 12, after: int = 3) -> str:
-    """Text around ``tokens[seq, pos]`` with that token marked as [[token]]; ``decode(list[int]) -> str``."""
+    """Text around ``tokens[seq, pos]`` with that token marked as [[token]]; ``decode(list[int]) -> str``.
+
+    Decodes growing prefixes of the window, so tokenizers that put spaces between tokens (or inside
+    them) keep their spacing; falls back to decoding the three parts separately.
+    """
     row = tokens[seq].tolist()
-    left = decode(row[max(0, pos - before):pos])
-    mid = decode([row[pos]])
-    right = decode(row[pos + 1:pos + 1 + after])
-    text = f"{left}[[{mid}]]{right}"
+    window = row[max(0, pos - before):pos + 1 + after]
+    n_left = min(pos, before)
+    left, upto, full = decode(window[:n_left]), decode(window[:n_left + 1]), decode(window)
+    if upto.startswith(left) and full.startswith(upto):
+        mid, right = upto[len(left):], full[len(upto):]
+    else:
+        mid, right = decode(window[n_left:n_left + 1]), decode(window[n_left + 1:])
+    lead = mid[:len(mid) - len(mid.lstrip())]  # keep the token's leading space outside the marker
+    text = f"{left}{lead}[[{mid.strip()}]]{right}"
     return " ".join(text.split())  # one line: newlines and runs of spaces collapse
 
 

@@ -155,15 +155,20 @@ def plot_firing_histograms(results: dict, path: Path) -> Path:
     nrows = math.ceil(len(hooks) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 3.8 * nrows), squeeze=False)
     for ax, hook in zip(axes.flat, hooks):
+        lowest = 0.0
         for v in sorted(results["variants"], key=_variant_sort_key):
             m = results["variants"][v]["hookpoints"].get(hook)
             if m is None:
                 continue
             hist = m["firing_hist"]
+            live = [i for i, c in enumerate(hist["counts"]) if c]
+            if live:
+                lowest = min(lowest, hist["log10_edges"][live[0]])
             ax.stairs(hist["counts"], hist["log10_edges"], label=f"{v} (dead: {hist['dead']})", linewidth=1.6)
         for x, name in ((-1.0, "10%"), (math.log10(0.5), "50%")):
             ax.axvline(x, color="grey", linestyle=":", linewidth=1)
             ax.text(x, ax.get_ylim()[1] * 0.95, name, color="grey", ha="right", va="top", fontsize=8)
+        ax.set_xlim(min(lowest, -2.0) - 0.25, 0.05)
         ax.set_yscale("symlog", linthresh=1)
         ax.set_xlabel("log10(firing rate)")
         ax.set_ylabel("latents")
@@ -295,7 +300,7 @@ def _observations(results: dict) -> str:
         bv, tv = mean(b, key), mean(t, key)
         if math.isnan(bv) or math.isnan(tv):
             continue
-        rel = f" ({bv / tv:.2f}x)" if tv not in (0, 0.0) and key not in ("dead_fraction",) else ""
+        rel = f" ({bv / tv:.2f}x)" if bv > 0 and tv > 0 and key != "dead_fraction" else ""
         lines.append(f"- {label}: binary {_format(key, bv)} vs TopK {_format(key, tv)}{rel} (mean over hookpoints)")
     bp, tp = b.get("interp_proxy") or {}, t.get("interp_proxy") or {}
     if bp and tp:
@@ -415,3 +420,14 @@ def run(args) -> int:
                        opts=opts, data=dataset_info(args), device=device, log=log)
     print(out / "report.md")
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m binsparse_kernels.evaluation.report``: the same as ``binsparse report``."""
+    parser = argparse.ArgumentParser(prog="binsparse report", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return int(run(parser.parse_args(argv)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The comparison report and the eval command, end to end, on a tiny real training run.
+
+The run is made here with SparseCoder directly: a tiny randomly initialised Llama, a word-level
+tokenizer and synthetic text; binary, TopK and hybrid coders (a skip transcoder on layers.0.mlp,
+an SAE on layers.1) trained for a few dozen steps, saved in the trainer's layout
+``<run>/<variant>/<hookpoint>/{cfg.json, sae.safetensors}`` with a ``metrics.jsonl`` per variant.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from binsparse_kernels.coder import SparseCoder, SparseCoderConfig
+from binsparse_kernels.evaluation import _lm, cli as eval_cli, report as report_cli
+from binsparse_kernels.evaluation.cli import TABLE_COLUMNS, discover_checkpoints
+from binsparse_kernels.evaluation.report import build_default_report
+from binsparse_kernels.evaluation.splice import capture
+from test_eval_splice import synthetic_text, tiny_lm, word_tokenizer
+
+HOOKS = {"layers.0.mlp": True, "layers.1": False}  # hookpoint -> transcode
+CTX = 32
+
+
+def binsparse_main(argv):
+    """``binsparse eval|report ...`` through the subcommand modules' add_arguments/run (the router's contract)."""
+    module = {"eval": eval_cli, "report": report_cli}[argv[0]]
+    return module.main(argv[1:])
+
+
+def _train(coder, x, y, steps=40):
+    coder.init_from_batch(x, y)
+    opt = torch.optim.Adam(coder.parameters(), lr=1e-2)
+    curve = []
+    for step in range(steps):
+        out = coder(x, y)
+        opt.zero_grad()
+        out.fvu.backward()
+        opt.step()
+        if not coder.cfg.transcode:
+            coder.set_decoder_norm_to_unit_norm()
+        curve.append((step, out.fvu.item()))
+    return curve
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_run")
+    tokenizer = word_tokenizer()
+    model = tiny_lm(vocab_size=64)
+    text = synthetic_text(300, seed=1)
+    tokens = _lm.chunk_tokens(tokenizer, [text], CTX)
+    train, held_out = tokens[:40], tokens[40:60]
+    with torch.no_grad(), capture(model, HOOKS) as cap:
+        model(input_ids=train)
+    run = root / "run"
+    for activation, name in (("topk_binary", "binary"), ("topk", "topk"), ("topk_hybrid", "hybrid")):
+        lines = {}
+        for hook, transcode in HOOKS.items():
+            inp, out = cap[hook]
+            x = (inp if transcode else out).reshape(-1, 16).detach()
+            y = out.reshape(-1, 16).detach()
+            torch.manual_seed(0)
+            coder = SparseCoder(16, SparseCoderConfig(activation=activation, num_latents=64, k=4, transcode=transcode,
+                                                      skip_connection=transcode))
+            for step, value in _train(coder, x, y):
+                lines.setdefault(step, {"step": step})[f"fvu/{hook}"] = value
+            coder.save_to_disk(run / name / hook)
+        (run / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines.values()) + "\n")
+    # The model, tokenizer and held-out text on disk, for the commands.
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "heldout.txt").write_text(synthetic_text(120, seed=2))
+    return {"root": root, "run": run, "model": model, "tokenizer": tokenizer, "tokens": held_out}
+
+
+def _assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = plt.imread(str(path))
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert float(img[..., :3].std()) > 0.01  # not a blank canvas
+
+
+def test_discover_checkpoints(tiny_run):
+    run = tiny_run["run"]
+    found = discover_checkpoints([run])
+    assert set(found) == {"binary", "topk", "hybrid"}
+    assert set(found["binary"]) == set(HOOKS)
+    assert discover_checkpoints([run / "topk"]) == {"topk": found["topk"]}
+    assert discover_checkpoints([run / "binary" / "layers.1"]) == {"binary": {"layers.1": run / "binary" / "layers.1"}}
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        discover_checkpoints([run / "nope"])
+    with pytest.raises(FileNotFoundError, match="no sparse coder checkpoints"):
+        discover_checkpoints([tiny_run["root"] / "model"])
+
+
+def test_default_report_from_a_run(tiny_run):
+    run = tiny_run["run"]
+    out = build_default_report(run, model=tiny_run["model"], tokenizer=tiny_run["tokenizer"], tokens=tiny_run["tokens"],
+                               model_label="tiny random Llama", batch_size=4, log=None)
+    assert out == run / "report"
+    md = (out / "report.md").read_text()
+    # Side-by-side table: one column per variant, binary first.
+    assert "| metric | binary | topk | hybrid |" in md
+    for row in ("FVU", "CE increase (nats)", "KL(clean || spliced)", "L0 (firing latents per token)",
+                "dead fraction (never fired)", "latents firing on >10% of tokens", "latents firing on >50% of tokens",
+                "proxy F1 (plain mean)", "proxy F1 (frequency-weighted)", "CE increase, all hookpoints at once"):
+        assert f"| {row} |" in md, row
+    header = "| " + " | ".join(name for name, _ in TABLE_COLUMNS) + " |"
+    assert header in md
+    assert md.count("| binary | layers.") == 2 and "| binary | all at once |" in md
+    assert "Proxy F1 is not the paper's interpretability score" in md
+    assert "[[" in md and "]]" in md  # marked tokens in the contexts
+    assert "## Binary vs TopK on these runs" in md
+    _assert_png(out / "firing_rates.png")
+    _assert_png(out / "fvu_curves.png")
+    assert "![FVU vs step](fvu_curves.png)" in md
+    results = json.loads((out / "results.json").read_text())
+    m = results["variants"]["binary"]["hookpoints"]["layers.1"]
+    assert m["activation"] == "topk_binary" and 0 < m["l0"] <= 4
+    assert 0 <= m["fvu"] < 1.5 and m["interp_proxy"]["n_scored"] > 0
+
+
+def test_eval_and_report_commands(tiny_run, tmp_path, capsys):
+    root, run = tiny_run["root"], tiny_run["run"]
+    common = ["--model", str(root / "model"), "--dataset", str(root / "heldout.txt"), "--ctx_len", str(CTX),
+              "--tokens", str(16 * CTX), "--batch_size", "8", "--device", "cpu"]
+    rc = binsparse_main(["eval", str(run / "binary"), str(run / "topk" / "layers.1"), *common,
+                         "--out", str(tmp_path / "eval.json"), "--delphi_cache", str(tmp_path / "delphi")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "FVU" in printed and "F1 proxy w" in printed and "all at once" in printed
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["n_sequences"] == 16 and res["ctx_len"] == CTX
+    assert set(res["variants"]) == {"binary", "topk"}
+    assert set(res["variants"]["topk"]["hookpoints"]) == {"layers.1"}
+    binary = res["variants"]["binary"]
+    assert set(binary["hookpoints"]) == set(HOOKS) and "all_hookpoints" in binary
+    for m in binary["hookpoints"].values():
+        for key in ("fvu", "explained_variance", "ce_increase", "kl_div", "accuracy_drop", "ce_loss_score",
+                    "kl_div_score", "l0", "dead_fraction", "count_over_10pct", "count_over_50pct", "cossim",
+                    "l2_ratio", "relative_reconstruction_bias", "firing_hist", "interp_proxy"):
+            assert key in m, key
+    assert (tmp_path / "delphi" / "binary" / "latents" / "layers.1" / "config.json").is_file()
+    assert (tmp_path / "delphi" / "binary" / "log" / "hookpoint_firing_counts.pt").is_file()
+
+    rc = binsparse_main(["report", str(run), "--out", str(tmp_path / "report"), *common, "--no_interp"])
+    assert rc == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| metric | binary | topk | hybrid |" in md
+    _assert_png(tmp_path / "report" / "firing_rates.png")
+
+
+def test_eval_command_rejects_bad_options(tiny_run):
+    with pytest.raises(ValueError, match="--tokens"):
+        binsparse_main(["eval", str(tiny_run["run"]), "--tokens", "0"])
