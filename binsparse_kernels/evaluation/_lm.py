@@ -54,17 +54,20 @@ def _find_default_gguf() -> Optional[str]:
 
 def load_model(model: Optional[str] = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer, label). ``model`` None: the trainer's default (offline SmolLM2 GGUF)."""
-    try:  # the trainer's loader, when it exists, knows the default model and how to fetch it
-        from ..train import lm as train_lm  # type: ignore
-
-        loader = getattr(train_lm, "load_model", None)
-    except ImportError:
+    if model is None:  # the default model: the trainer's loader, when it exists, knows it and fetches it
         loader = None
-    if loader is not None:
-        out = loader(model, device=device, dtype=dtype) if model else loader(device=device, dtype=dtype)
-        lm, tok = out[0], out[1]
-        label = out[2] if len(out) > 2 else (model or DEFAULT_MODEL_LABEL)
-        return lm, tok, label
+        try:
+            from ..train import lm as train_lm  # type: ignore
+
+            loader = getattr(train_lm, "load_model", None)
+        except ImportError:
+            pass
+        if loader is not None:
+            out = loader(device=device, dtype=dtype)
+            if isinstance(out, tuple) and len(out) >= 2:
+                label = out[2] if len(out) > 2 and isinstance(out[2], str) else DEFAULT_MODEL_LABEL
+                return out[0], out[1], label
+            # an interface we do not know: fall through to the local loader
     if model is None:
         model = _find_default_gguf()
         if model is None:

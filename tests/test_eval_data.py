@@ -1,0 +1,43 @@
+"""Held-out token loading for evaluation: EOS-joined chunks from local text and JSONL files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from binsparse_kernels.evaluation import _lm
+from test_eval_splice import word_tokenizer
+
+
+def test_chunk_tokens_eos_first_and_partial_chunk_dropped():
+    tok = word_tokenizer()
+    texts = ["the cat sat", "a dog ran on a mat", "red"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    stream = [x for seq in ids for x in [tok.eos_token_id] + seq]  # 4 + 7 + 2 = 13 tokens
+    chunks = _lm.chunk_tokens(tok, texts, 4)
+    assert chunks.shape == (3, 4)
+    assert chunks.reshape(-1).tolist() == stream[:12]
+    assert chunks[0, 0] == tok.eos_token_id
+    with pytest.raises(ValueError, match="fewer than"):
+        _lm.chunk_tokens(tok, ["red"], 50)
+
+
+def test_load_eval_tokens_from_text_and_jsonl(tmp_path):
+    tok = word_tokenizer()
+    (tmp_path / "a.txt").write_text("the cat sat on a mat . " * 20)
+    rows = [{"text": "the dog ran over a log ."}, {"other": 1}, {"text": "a bird sang ."}]
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    tokens = _lm.load_eval_tokens(tok, dataset=str(tmp_path), split="train", text_column="text", ctx_len=8,
+                                  n_tokens=64, seed=0)
+    assert tokens.shape == (8, 8) and tokens.dtype == torch.int64
+    again = _lm.load_eval_tokens(tok, dataset=str(tmp_path), split="train", text_column="text", ctx_len=8,
+                                 n_tokens=64, seed=0)
+    assert torch.equal(tokens, again)  # seeded order
+    only_jsonl = _lm.load_eval_tokens(tok, dataset=str(tmp_path / "b.jsonl"), split="train", text_column="text",
+                                      ctx_len=4, n_tokens=8, seed=0)
+    assert set(only_jsonl.reshape(-1).tolist()) <= set(tok("the dog ran over a log . a bird sang .")["input_ids"]) | {0}
+    with pytest.raises(ValueError, match="no text found"):
+        _lm.load_eval_tokens(tok, dataset=str(tmp_path / "b.jsonl"), split="train", text_column="body", ctx_len=4,
+                             n_tokens=8)
