@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from binsparse_kernels.coder import SparseCoder, SparseCoderConfig
-from binsparse_kernels.evaluation import _lm, cli as eval_cli, report as report_cli
+from binsparse_kernels.cli import main as binsparse_main
+from binsparse_kernels.evaluation import _lm
 from binsparse_kernels.evaluation.cli import TABLE_COLUMNS, discover_checkpoints
 from binsparse_kernels.evaluation.report import build_default_report
 from binsparse_kernels.evaluation.splice import capture
@@ -22,12 +23,6 @@ from test_eval_splice import synthetic_text, tiny_lm, word_tokenizer
 
 HOOKS = {"layers.0.mlp": True, "layers.1": False}  # hookpoint -> transcode
 CTX = 32
-
-
-def binsparse_main(argv):
-    """``binsparse eval|report ...`` through the subcommand modules' add_arguments/run (the router's contract)."""
-    module = {"eval": eval_cli, "report": report_cli}[argv[0]]
-    return module.main(argv[1:])
 
 
 def _train(coder, x, y, steps=40):
