@@ -192,6 +192,8 @@ def test_splice_restores_the_model_and_checks_inputs(lm_and_batches):
         evaluate(model, {}, batches)
     with pytest.raises(ValueError, match=r"\[batch, seq\]"):
         evaluate(model, {"v": {"layers.1": identity_sae(16)}}, [torch.zeros(5, dtype=torch.long)])
+    with pytest.raises(ValueError, match="same sequence length"):
+        evaluate(model, {"v": {"layers.1": identity_sae(16)}}, [batches[0], batches[0][:, :10]])
     # Hooks are removed after an error and after a splice.
     with splice(model, {"layers.1": lambda inp, out: torch.zeros_like(out)}):
         pass

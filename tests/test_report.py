@@ -91,6 +91,14 @@ def test_discover_checkpoints(tiny_run):
     assert set(found["binary"]) == set(HOOKS)
     assert discover_checkpoints([run / "topk"]) == {"topk": found["topk"]}
     assert discover_checkpoints([run / "binary" / "layers.1"]) == {"binary": {"layers.1": run / "binary" / "layers.1"}}
+    (run / "topk" / "best").mkdir()  # a copy below a variant folder is not a variant of its own
+    (run / "topk" / "layers.1").rename(run / "topk" / "best" / "layers.1")
+    try:
+        assert set(discover_checkpoints([run / "topk"])) == {"topk"}
+        assert set(discover_checkpoints([run])["topk"]) == {"layers.0.mlp"}
+    finally:
+        (run / "topk" / "best" / "layers.1").rename(run / "topk" / "layers.1")
+        (run / "topk" / "best").rmdir()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         discover_checkpoints([run / "nope"])
     with pytest.raises(FileNotFoundError, match="no sparse coder checkpoints"):

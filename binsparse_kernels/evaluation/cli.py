@@ -52,11 +52,10 @@ def discover_checkpoints(paths) -> dict[str, dict[str, Path]]:
         if (p / "cfg.json").is_file():
             entries = [(p.parent.name or "coder", p.name, p)]
         else:
-            entries = []
-            for cfg in sorted(p.glob("*/cfg.json")):  # a variant folder
-                entries.append((p.name, cfg.parent.name, cfg.parent))
-            for cfg in sorted(p.glob("*/*/cfg.json")):  # a run folder
-                entries.append((cfg.parent.parent.name, cfg.parent.name, cfg.parent))
+            # A variant folder holds <hookpoint>/cfg.json; otherwise a run folder, <variant>/<hookpoint>/cfg.json.
+            entries = [(p.name, cfg.parent.name, cfg.parent) for cfg in sorted(p.glob("*/cfg.json"))]
+            if not entries:
+                entries = [(cfg.parent.parent.name, cfg.parent.name, cfg.parent) for cfg in sorted(p.glob("*/*/cfg.json"))]
             if not entries:
                 raise FileNotFoundError(f"no sparse coder checkpoints (<hookpoint>/cfg.json) in {p} or its "
                                         f"variant folders")

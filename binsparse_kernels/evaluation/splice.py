@@ -197,6 +197,9 @@ def evaluate(model: nn.Module, coder_sets: Mapping[str, Mapping[str, SparseCoder
                 raise ValueError(f"token batches must be [batch, seq], got shape {tuple(batch.shape)}")
             if batch.shape[1] < 2:
                 raise ValueError("sequences need at least 2 tokens to score next-token predictions")
+            if all_tokens and batch.shape[1] != all_tokens[0].shape[1]:
+                raise ValueError(f"all token batches must have the same sequence length "
+                                 f"({all_tokens[0].shape[1]} then {batch.shape[1]})")
             batch = batch.to(device)
             all_tokens.append(batch.cpu())
             targets = batch[:, 1:].reshape(-1)
@@ -249,9 +252,7 @@ def evaluate(model: nn.Module, coder_sets: Mapping[str, Mapping[str, SparseCoder
             entry["all_hookpoints"] = splice_scores(clean_res, together[v].result(), None)
         results["variants"][v] = entry
 
-    tokens = torch.cat(all_tokens) if len({t.shape[1] for t in all_tokens}) == 1 else None
-    if tokens is None:
-        raise ValueError("all token batches must have the same sequence length")
+    tokens = torch.cat(all_tokens)
     merged = {v: {h: (torch.cat([c[0] for c in parts]), torch.cat([c[1] for c in parts]))
                   for h, parts in hooks.items()} for v, hooks in codes.items()} if keep_codes else {}
     counts = {v: {h: firing[v][h].counts.clone() for h in cs} for v, cs in coder_sets.items()}
