@@ -30,14 +30,36 @@ def test_load_eval_tokens_from_text_and_jsonl(tmp_path):
     rows = [{"text": "the dog ran over a log ."}, {"other": 1}, {"text": "a bird sang ."}]
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     tokens = _lm.load_eval_tokens(tok, dataset=str(tmp_path), split="train", text_column="text", ctx_len=8,
-                                  n_tokens=64, seed=0)
+                                  n_tokens=64, seed=0, all_chunks=True)
     assert tokens.shape == (8, 8) and tokens.dtype == torch.int64
     again = _lm.load_eval_tokens(tok, dataset=str(tmp_path), split="train", text_column="text", ctx_len=8,
-                                 n_tokens=64, seed=0)
+                                 n_tokens=64, seed=0, all_chunks=True)
     assert torch.equal(tokens, again)  # seeded order
     only_jsonl = _lm.load_eval_tokens(tok, dataset=str(tmp_path / "b.jsonl"), split="train", text_column="text",
-                                      ctx_len=4, n_tokens=8, seed=0)
+                                      ctx_len=4, n_tokens=8, seed=0, all_chunks=True)
     assert set(only_jsonl.reshape(-1).tolist()) <= set(tok("the dog ran over a log . a bird sang .")["input_ids"]) | {0}
     with pytest.raises(ValueError, match="no text found"):
         _lm.load_eval_tokens(tok, dataset=str(tmp_path / "b.jsonl"), split="train", text_column="body", ctx_len=4,
                              n_tokens=8)
+
+
+def test_load_eval_tokens_keeps_only_the_trainers_held_out_chunks(tmp_path):
+    """Without all_chunks, evaluating on the training dataset scores exactly the chunks the trainer
+    holds out (train/data.py's split), never a training chunk."""
+    from binsparse_kernels.train import data as train_data
+
+    tok = word_tokenizer()
+    text = " ".join(f"the {w} cat sat on a mat ." for w in ("red", "blue", "big", "small", "old", "new") * 40)
+    (tmp_path / "t.txt").write_text(text)
+    train, held = train_data.load_chunks(tok, str(tmp_path / "t.txt"), ctx_len=8, seed=0)
+    tokens = _lm.load_eval_tokens(tok, dataset=str(tmp_path / "t.txt"), split="train", text_column="text", ctx_len=8,
+                                  n_tokens=10_000, seed=0)
+    assert tokens.shape[0] == held.shape[0] >= 2
+    as_set = lambda t: {tuple(r) for r in t.tolist()}
+    assert as_set(tokens) == as_set(held)
+    all_chunks = _lm.load_eval_tokens(tok, dataset=str(tmp_path / "t.txt"), split="train", text_column="text",
+                                      ctx_len=8, n_tokens=10_000, seed=0, all_chunks=True)
+    assert all_chunks.shape[0] == train.shape[0] + held.shape[0]
+    with pytest.raises(ValueError, match="--all_chunks"):
+        _lm.load_eval_tokens(tok, dataset=str(tmp_path / "t.txt"), split="train", text_column="text", ctx_len=400,
+                             n_tokens=800)

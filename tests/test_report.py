@@ -135,7 +135,7 @@ def test_default_report_from_a_run(tiny_run):
 def test_eval_and_report_commands(tiny_run, tmp_path, capsys):
     root, run = tiny_run["root"], tiny_run["run"]
     common = ["--model", str(root / "model"), "--dataset", str(root / "heldout.txt"), "--ctx_len", str(CTX),
-              "--tokens", str(16 * CTX), "--batch_size", "8", "--device", "cpu"]
+              "--tokens", str(16 * CTX), "--batch_size", "8", "--device", "cpu", "--all_chunks"]
     rc = binsparse_main(["eval", str(run / "binary"), str(run / "topk" / "layers.1"), *common,
                          "--out", str(tmp_path / "eval.json"), "--delphi_cache", str(tmp_path / "delphi")])
     assert rc == 0

@@ -133,14 +133,30 @@ def chunk_tokens(tokenizer, texts: list[str], ctx_len: int, max_sequences: Optio
     return torch.tensor(stream[: n * ctx_len], dtype=torch.int64).view(n, ctx_len)
 
 
+HELD_OUT_EVERY = 20  # the trainer holds out every 20th chunk (train/data.py); kept in step below
+
+
+def held_out_every() -> int:
+    try:
+        from ..train import data as train_data  # type: ignore
+
+        return int(getattr(train_data, "HELD_OUT_EVERY", HELD_OUT_EVERY))
+    except ImportError:
+        return HELD_OUT_EVERY
+
+
 def load_eval_tokens(tokenizer, *, dataset: Optional[str], split: str, text_column: str, ctx_len: int,
-                     n_tokens: int, seed: int = 0) -> torch.Tensor:
-    """Held-out sequences [n, ctx_len], n = n_tokens // ctx_len, in a seeded random order.
+                     n_tokens: int, seed: int = 0, all_chunks: bool = False) -> torch.Tensor:
+    """Held-out sequences [n, ctx_len], n = n_tokens // ctx_len (at least 2), in a seeded random order.
 
     ``dataset`` None: the trainer's default offline corpus, held-out part (when the trainer provides one).
+    Otherwise the text is chunked as the trainer chunks it and, unless ``all_chunks``, only the
+    chunks the trainer holds out (every 20th) are used, so evaluating on the training dataset never
+    scores training tokens. That guarantee needs ``ctx_len`` equal to the training ``ctx_len``.
+    ``all_chunks=True`` is for a dataset that is held out as a whole.
     """
     n_seq = max(2, n_tokens // ctx_len)
-    if dataset is None:
+    if dataset is None or dataset == "builtin":
         try:
             from ..train import data as train_data  # type: ignore
 
@@ -150,11 +166,32 @@ def load_eval_tokens(tokenizer, *, dataset: Optional[str], split: str, text_colu
         if getter is None:
             raise ValueError("no --dataset given and the trainer provides no default held-out corpus: pass "
                              "--dataset (text/JSONL files or a Hugging Face dataset name)")
-        tokens = getter(tokenizer, ctx_len=ctx_len, n_sequences=n_seq, seed=seed)
-        return torch.as_tensor(tokens, dtype=torch.int64)
-    tokens = chunk_tokens(tokenizer, _read_texts(dataset, split, text_column), ctx_len)
-    g = torch.Generator().manual_seed(seed)
-    return tokens[torch.randperm(tokens.shape[0], generator=g)[:n_seq]]
+        tokens = torch.as_tensor(getter(tokenizer, ctx_len=ctx_len, n_sequences=n_seq, seed=seed), dtype=torch.int64)
+    else:
+        ctx_len = min(ctx_len, getattr(tokenizer, "model_max_length", ctx_len) or ctx_len)  # as the trainer does
+        tokens = chunk_tokens(tokenizer, _read_texts(dataset, split, text_column), ctx_len)
+        if not all_chunks:
+            tokens = tokens[torch.arange(tokens.shape[0]) % held_out_every() == 0]
+        g = torch.Generator().manual_seed(seed)
+        tokens = tokens[torch.randperm(tokens.shape[0], generator=g)[:n_seq]]
+    if tokens.shape[0] < 2:
+        raise ValueError(f"only {tokens.shape[0]} held-out sequence(s) of {ctx_len} tokens: use more text, a smaller "
+                         f"--ctx_len" + ("" if all_chunks or dataset is None else
+                                         ", or --all_chunks if the whole dataset is held out"))
+    return tokens
+
+
+def read_run_config(run_dir) -> Optional[dict]:
+    """The training config saved by the trainer (``<run_dir>/trainer_state.pt``), or None."""
+    path = Path(run_dir) / "trainer_state.pt"
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  (an older or foreign file: no defaults from it)
+        return None
+    cfg = state.get("config") if isinstance(state, dict) else None
+    return cfg if isinstance(cfg, dict) else None
 
 
 def iter_batches(tokens: torch.Tensor, batch_size: int):

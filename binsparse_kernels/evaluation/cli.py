@@ -29,7 +29,7 @@ from ..coder import SparseCoder
 from . import _lm
 from .interp import export_delphi_cache, token_proxy
 from .metrics import nan_to_none
-from .splice import EvalResult, evaluate
+from .splice import EvalResult, evaluate, resolve_hookpoint
 
 VARIANT_NAMES = {"topk_binary": "binary", "topk": "topk", "topk_hybrid": "hybrid"}
 
@@ -66,6 +66,8 @@ def discover_checkpoints(paths) -> dict[str, dict[str, Path]]:
             if key in found and hookpoint in found[key] and found[key][hookpoint] != folder:
                 raise ValueError(f"two checkpoints for variant {key!r}, hookpoint {hookpoint!r}: "
                                  f"{found[key][hookpoint]} and {folder}")
+            if not (folder / "sae.safetensors").is_file():
+                raise FileNotFoundError(f"incomplete checkpoint: {folder} has cfg.json but no sae.safetensors")
             found.setdefault(key, {})[hookpoint] = folder
             sources.setdefault(key, folder.parent)
     return found
@@ -197,10 +199,17 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                    help="a GGUF file, a local HF model folder or a hub name (default: the trainer's offline SmolLM2)")
     g.add_argument("--dataset", default=None,
                    help="held-out text: .txt/.jsonl files or a folder of them, or a Hugging Face dataset name "
-                        "(default: the trainer's held-out default corpus)")
-    g.add_argument("--split", default="train", help="dataset split (Hugging Face datasets)")
-    g.add_argument("--text_column", default="text")
-    g.add_argument("--ctx_len", type=int, default=1024, help="tokens per evaluated sequence")
+                        "(default: the dataset the run was trained on, from trainer_state.pt, else the built-in "
+                        "corpus; either way only the chunks the trainer held out)")
+    g.add_argument("--split", default=None, help="dataset split (Hugging Face datasets; default: the run's, else train)")
+    g.add_argument("--text_column", default=None, help="default: the run's, else text")
+    g.add_argument("--ctx_len", type=int, default=None,
+                   help="tokens per evaluated sequence (default: the run's training ctx_len from trainer_state.pt, "
+                        "else 256, the trainer's default; held-out chunks are disjoint from the training chunks "
+                        "only at the training ctx_len)")
+    g.add_argument("--all_chunks", action="store_true",
+                   help="the --dataset is held out as a whole: evaluate any of its chunks, not only the chunks the "
+                        "trainer holds out (every 20th)")
     g.add_argument("--tokens", type=int, default=2**16, help="token budget: evaluate tokens // ctx_len sequences")
     g.add_argument("--batch_size", type=int, default=8, help="sequences per LM forward")
     g.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -226,34 +235,81 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args) -> EvalOptions:
     for name in ("ctx_len", "tokens", "batch_size", "proxy_max_tokens", "proxy_min_examples"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     return EvalOptions(batch_size=args.batch_size, interp=not args.no_interp, proxy_max_tokens=args.proxy_max_tokens,
                        proxy_min_examples=args.proxy_min_examples, seed=args.seed)
 
 
-def prepare(args, log=print):
+DEFAULT_CTX_LEN = 256  # the trainer's default
+
+
+def data_defaults(args, checkpoints: dict[str, dict[str, Path]], log=print) -> None:
+    """Fill ``args.dataset/split/text_column/ctx_len`` left unset from the runs' training config, so
+    ``binsparse eval RUN`` scores the trainer's held-out chunks of the data the run was trained on."""
+    configs = {}
+    for hooks in checkpoints.values():
+        for folder in hooks.values():
+            for run_dir in (folder.parent.parent, folder.parent):
+                if run_dir not in configs:
+                    configs[run_dir] = _lm.read_run_config(run_dir)
+    found = [(d, c) for d, c in configs.items() if c]
+    cfg = found[0][1] if found else {}
+    keys = ("dataset", "split", "text_column", "ctx_len")
+    if len({tuple(str(c.get(k)) for k in keys) for _, c in found}) > 1:
+        log(f"warning: the runs were trained on different data settings; defaults taken from {found[0][0]}")
+    if args.dataset is None and cfg:
+        args.dataset = cfg.get("dataset")  # None: the built-in corpus
+    if args.split is None:
+        args.split = cfg.get("split") or "train"
+    if args.text_column is None:
+        args.text_column = cfg.get("text_column") or "text"
+    if args.ctx_len is None:
+        args.ctx_len = int(cfg.get("ctx_len") or DEFAULT_CTX_LEN)
+    elif cfg.get("ctx_len") and args.ctx_len != cfg["ctx_len"] and not args.all_chunks:
+        log(f"warning: --ctx_len {args.ctx_len} differs from the training ctx_len {cfg['ctx_len']}: the held-out "
+            f"chunks then overlap text the coders were trained on")
+
+
+def check_hookpoints(model, checkpoints: dict[str, dict[str, Path]]) -> None:
+    """Every checkpoint's hookpoint must name a module of the model (checked before any data is read)."""
+    for variant, hooks in checkpoints.items():
+        for hookpoint, folder in hooks.items():
+            try:
+                resolve_hookpoint(model, hookpoint)
+            except ValueError as exc:
+                raise ValueError(f"{folder} (variant {variant!r}): {exc}") from None
+
+
+def prepare(args, log=print, checkpoints: Optional[dict] = None):
     """(model, tokenizer, model label, tokens, device) for the eval/report commands."""
+    if args.ctx_len is None or args.split is None or args.text_column is None:
+        data_defaults(args, {}, log)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     log(f"loading the model ({args.model or 'default: offline SmolLM2'}) on {device}")
     model, tokenizer, label = _lm.load_model(args.model, device=device, dtype=dtype)
+    if checkpoints:
+        check_hookpoints(model, checkpoints)
     tokens = _lm.load_eval_tokens(tokenizer, dataset=args.dataset, split=args.split, text_column=args.text_column,
-                                  ctx_len=args.ctx_len, n_tokens=args.tokens, seed=args.seed)
+                                  ctx_len=args.ctx_len, n_tokens=args.tokens, seed=args.seed,
+                                  all_chunks=getattr(args, "all_chunks", False))
     log(f"evaluating on {tokens.shape[0]} sequences x {tokens.shape[1]} tokens")
     return model, tokenizer, label, tokens, device
 
 
 def dataset_info(args) -> dict:
-    return {"dataset": args.dataset or "default (trainer's held-out corpus)", "split": args.split,
-            "text_column": args.text_column, "ctx_len": args.ctx_len, "token_budget": args.tokens, "seed": args.seed}
+    return {"dataset": args.dataset or "built-in corpus", "split": args.split, "text_column": args.text_column,
+            "ctx_len": args.ctx_len, "token_budget": args.tokens, "seed": args.seed,
+            "chunks": "all" if getattr(args, "all_chunks", False) else "the trainer's held-out chunks (every 20th)"}
 
 
 def run(args) -> int:
     opts = options_from_args(args)
     log = lambda msg: print(msg, file=sys.stderr)
-    checkpoints = discover_checkpoints(args.checkpoints)
-    model, tokenizer, label, tokens, device = prepare(args, log)
+    checkpoints = discover_checkpoints(args.checkpoints)  # bad paths fail before the model loads
+    data_defaults(args, checkpoints, log)
+    model, tokenizer, label, tokens, device = prepare(args, log, checkpoints)
     coder_sets = load_coders(checkpoints, device)
     res = run_evaluation(model, coder_sets, tokens, opts, keep_codes=bool(args.delphi_cache), log=log)
     results = {"model": label, "data": dataset_info(args),

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 
 from . import _lm
-from .cli import (EvalOptions, add_data_arguments, dataset_info, discover_checkpoints, format_table, load_coders,
-                  options_from_args, prepare, run_evaluation)
+from .cli import (EvalOptions, add_data_arguments, data_defaults, dataset_info, discover_checkpoints, format_table,
+                  load_coders, options_from_args, prepare, run_evaluation)
 from .interp import render_context, top_contexts
 from .metrics import nan_to_none
 
@@ -414,8 +414,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     opts = options_from_args(args)
     log = lambda msg: print(msg, file=sys.stderr)
-    discover_checkpoints(args.runs)  # fail on bad paths before loading the model
-    model, tokenizer, label, tokens, device = prepare(args, log)
+    checkpoints = discover_checkpoints(args.runs)  # bad paths fail before the model loads
+    data_defaults(args, checkpoints, log)
+    model, tokenizer, label, tokens, device = prepare(args, log, checkpoints)
     out = build_report(args.runs, args.out, model=model, tokenizer=tokenizer, tokens=tokens, model_label=label,
                        opts=opts, data=dataset_info(args), device=device, log=log)
     print(out / "report.md")

@@ -47,16 +47,21 @@ def resolve_hookpoint(model: nn.Module, hookpoint: str) -> nn.Module:
 
 
 @torch.no_grad()
-def reconstruct(coder: SparseCoder, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The coder's output for ``x`` [..., d_in]: (y_hat [..., d_out] in x's dtype, acts [N, k], indices [N, k])."""
+def reconstruct(coder: SparseCoder, x: Tensor, *, out_dtype: Optional[torch.dtype] = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """The coder's output for ``x`` [..., d_in]: (y_hat [..., d_out], acts [N, k], indices [N, k]).
+
+    The coder runs in its own (checkpoint) dtype, whatever the LM's dtype; ``y_hat`` is returned in
+    ``out_dtype`` (default: x's dtype, what a splice needs).
+    """
     if x.shape[-1] != coder.d_in:
         raise ValueError(f"the coder expects width {coder.d_in}, the hooked activation has width {x.shape[-1]}")
-    flat = x.reshape(-1, x.shape[-1])
+    flat = x.reshape(-1, x.shape[-1]).to(coder.dtype)
     acts, indices, _ = coder.encode(flat)
     y = coder.decode(acts, indices)
     if coder.W_skip is not None:
         y = y + flat.to(y.dtype) @ coder.W_skip.to(y.dtype).T
-    return y.reshape(*x.shape[:-1], coder.d_out).to(x.dtype), acts, indices
+    return y.reshape(*x.shape[:-1], coder.d_out).to(out_dtype or x.dtype), acts, indices
 
 
 def coder_replacement(coder: SparseCoder) -> Replacement:
@@ -215,7 +220,7 @@ def evaluate(model: nn.Module, coder_sets: Mapping[str, Mapping[str, SparseCoder
                 for h, coder in coders.items():
                     inp, out = captured[h]
                     x = inp if coder.cfg.transcode else out
-                    y_hat, acts, indices = reconstruct(coder, x)
+                    y_hat, acts, indices = reconstruct(coder, x, out_dtype=torch.float32)
                     recon[v][h].update(out.reshape(-1, out.shape[-1]), y_hat.reshape(-1, y_hat.shape[-1]))
                     firing[v][h].update(acts, indices)
                     if keep_codes:
