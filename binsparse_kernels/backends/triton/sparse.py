@@ -1,0 +1,391 @@
+"""Triton kernels for the O(N k d) half of the coder: the sparse decode and the backward passes.
+
+Same signatures and conventions as ``backends/reference.py``: the compute dtype is the dtype of
+``acts`` (decoder) or ``x`` (encoder), weights are rounded to it, products accumulate in float32,
+weight gradients come back float32, ``None`` where not requested.
+
+Kernels (design: ``benchmarks/TRITON_NOTES_sparse.md``):
+
+* ``_gather_rows_kernel``: ``out[t] = sum_j a[t,j] * round(W[idx[t,j]]) (+ bias)``. A program owns
+  ``BLOCK_T`` tokens x ``BLOCK_D`` columns (d is tiled, never padded to a power of two: 576 =
+  9 x 64) and walks the k selections, gathering one row chunk per token per step into a float32
+  accumulator. Binary codes add the rows whose act is nonzero with no multiplication, and the
+  masked loads of zero acts fetch nothing. Serves the decode forward and the encoder's ``grad_x``
+  (weights ``grad_z``, rows rounded to x's dtype).
+* ``_dot_rows_kernel``: ``grad_acts[t,j] = round(W_dec[idx[t,j]]) . grad_y[t]``, k dot products per
+  token, d in ``BLOCK_D`` chunks.
+* ``_ste_kernel``: ``grad_z`` from ``grad_acts``, ``grad_values`` and the values (``STE_MODES``).
+* Weight gradients through the CSR transpose of the indices: a stable ``torch.sort`` of the
+  flattened indices by latent (deterministic) and ``searchsorted`` bucket bounds, both in the
+  wrapper and without a host sync. ``_bucket_kernel`` then runs one program per (bucket segment,
+  column block): it sums ``w[t,j] * rows[t]`` over the segment's selections in sorted order
+  (``BLOCK_E`` at a time), and for the encoder also ``sum w`` (``grad_b_enc``). Buckets are cut into
+  segments of ``SEGMENT`` selections, so a latent firing on half the tokens spreads over many
+  programs; a latent with one segment writes its gradient row directly, the partial rows of
+  multi-segment latents go to a scratch buffer that ``_bucket_reduce_kernel`` sums in segment
+  order. No atomics anywhere: every output element is written once, so results are bitwise
+  reproducible run to run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import STE_MODES
+
+# Selections per program in the weight-gradient buckets. Read at call time (tests lower it to
+# exercise multi-segment buckets with few tokens).
+SEGMENT = 256
+# Selections gathered per step inside a bucket segment.
+BLOCK_E = 16
+
+_ROUND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_BLOCK_DS = (256, 128, 64, 32, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round(w, ROUND: tl.constexpr):
+    """``w`` (any float) rounded to the compute dtype (0 fp32, 1 fp16, 2 bf16), as float32."""
+    if ROUND == 1:
+        w = w.to(tl.float16)
+    elif ROUND == 2:
+        w = w.to(tl.bfloat16)
+    return w.to(tl.float32)
+
+
+@triton.jit
+def _gather_rows_kernel(idx_ptr, a_ptr, w_ptr, bias_ptr, out_ptr, N, k, d,
+                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ROUND: tl.constexpr,
+                        BINARY: tl.constexpr, HAS_BIAS: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    tm = t < N
+    cm = c < d
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for j in range(k):
+        sel = t * k + j
+        i = tl.load(idx_ptr + sel, mask=tm, other=0)
+        a = tl.load(a_ptr + sel, mask=tm, other=0).to(tl.float32)
+        if BINARY:
+            rm = tm & (a != 0)
+        else:
+            rm = tm
+        w = tl.load(w_ptr + i[:, None] * d + c[None, :], mask=rm[:, None] & cm[None, :], other=0)
+        w = _round(w, ROUND)
+        if BINARY:
+            acc += w
+        else:
+            acc += a[:, None] * w
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + c, mask=cm, other=0).to(tl.float32)
+        acc += b[None, :]
+    tl.store(out_ptr + t[:, None] * d + c[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=tm[:, None] & cm[None, :])
+
+
+@triton.jit
+def _dot_rows_kernel(idx_ptr, g_ptr, w_ptr, out_ptr, N, k, d,
+                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ROUND: tl.constexpr):
+    pid_t = tl.program_id(0)
+    t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = t < N
+    cols = tl.arange(0, BLOCK_D)
+    for j in range(k):
+        sel = t * k + j
+        i = tl.load(idx_ptr + sel, mask=tm, other=0)
+        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        for c0 in range(0, d, BLOCK_D):
+            c = c0 + cols
+            m = tm[:, None] & (c < d)[None, :]
+            w = _round(tl.load(w_ptr + i[:, None] * d + c[None, :], mask=m, other=0), ROUND)
+            g = tl.load(g_ptr + t[:, None] * d + c[None, :], mask=m, other=0).to(tl.float32)
+            acc += w * g
+        tl.store(out_ptr + sel, tl.sum(acc, axis=1), mask=tm)
+
+
+@triton.jit
+def _ste_kernel(ga_ptr, gv_ptr, v_ptr, gz_ptr, n, temperature, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = p < n
+    ga = tl.load(ga_ptr + p, mask=m, other=0).to(tl.float32)
+    gv = tl.load(gv_ptr + p, mask=m, other=0).to(tl.float32)
+    v = tl.load(v_ptr + p, mask=m, other=0).to(tl.float32)
+    if MODE == 0:  # exact ReLU gradient: acts and values are one tensor
+        gz = (ga + gv) * (v > 0).to(tl.float32)
+    else:
+        if MODE == 1:  # sigmoid: s (1 - s), no 1/T factor
+            s = 1.0 / (1.0 + tl.exp(-(v / temperature)))
+            f = s * (1.0 - s)
+        elif MODE == 2:  # rectangle
+            f = (tl.abs(v / temperature) < 0.5).to(tl.float32)
+        else:  # identity
+            f = tl.full(v.shape, 1.0, tl.float32)
+        gz = ga * f + gv
+    tl.store(gz_ptr + p, gz, mask=m)
+
+
+@triton.jit
+def _bucket_kernel(perm_ptr, offsets_ptr, seg_latent_ptr, seg_start_ptr, nseg_ptr, multi_off_ptr,
+                   w_ptr, rows_ptr, grad_ptr, scratch_ptr, grad_b_ptr, scratch_b_ptr, M, k, d, SEG,
+                   BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, PLAIN: tl.constexpr,
+                   HAS_ROWS: tl.constexpr, HAS_B: tl.constexpr):
+    s = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    i = tl.load(seg_latent_ptr + s)  # M for the spare programs of the upper-bound grid
+    if i < M:
+        local = s - tl.load(seg_start_ptr + i)
+        nseg = tl.load(nseg_ptr + i)
+        start = tl.load(offsets_ptr + i) + local * SEG
+        end = tl.minimum(tl.load(offsets_ptr + i + 1), start + SEG)
+        out_row = tl.load(multi_off_ptr + i) + local
+        es = tl.arange(0, BLOCK_E)
+        if HAS_ROWS:
+            c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+            cm = c < d
+            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for e0 in range(start, end, BLOCK_E):
+                e = e0 + es
+                em = e < end
+                p = tl.load(perm_ptr + e, mask=em, other=0)
+                w = tl.load(w_ptr + p, mask=em, other=0)
+                if PLAIN:
+                    em = em & (w != 0)
+                r = tl.load(rows_ptr + (p // k)[:, None] * d + c[None, :], mask=em[:, None] & cm[None, :],
+                            other=0).to(tl.float32)
+                if PLAIN:
+                    acc += tl.sum(r, axis=0)
+                else:
+                    acc += tl.sum(w[:, None] * r, axis=0)
+            if nseg == 1:
+                tl.store(grad_ptr + i * d + c, acc, mask=cm)
+            else:
+                tl.store(scratch_ptr + out_row * d + c, acc, mask=cm)
+        if HAS_B:
+            if pid_d == 0:
+                acc_b = tl.zeros((BLOCK_E,), dtype=tl.float32)
+                for e0 in range(start, end, BLOCK_E):
+                    e = e0 + es
+                    em = e < end
+                    p = tl.load(perm_ptr + e, mask=em, other=0)
+                    acc_b += tl.load(w_ptr + p, mask=em, other=0)
+                total = tl.sum(acc_b, axis=0)
+                if nseg == 1:
+                    tl.store(grad_b_ptr + i, total)
+                else:
+                    tl.store(scratch_b_ptr + out_row, total)
+
+
+@triton.jit
+def _bucket_reduce_kernel(multi_ptr, nseg_ptr, multi_off_ptr, scratch_ptr, scratch_b_ptr, grad_ptr, grad_b_ptr,
+                          d, BLOCK_D: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_B: tl.constexpr):
+    i = tl.load(multi_ptr + tl.program_id(0))
+    pid_d = tl.program_id(1)
+    nseg = tl.load(nseg_ptr + i)
+    if nseg > 1:
+        first = tl.load(multi_off_ptr + i)
+        if HAS_ROWS:
+            c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+            cm = c < d
+            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for l in range(nseg):
+                acc += tl.load(scratch_ptr + (first + l) * d + c, mask=cm, other=0)
+            tl.store(grad_ptr + i * d + c, acc, mask=cm)
+        if HAS_B:
+            if pid_d == 0:
+                acc_b = tl.load(scratch_b_ptr + first)
+                for l in range(1, nseg):
+                    acc_b += tl.load(scratch_b_ptr + first + l)
+                tl.store(grad_b_ptr + i, acc_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def _block_d(d: int) -> int:
+    """Column tile: the least padding of d among tiles >= min(64, d), the larger tile on ties."""
+    floor = min(64, triton.next_power_of_2(max(d, 16)))
+    best = None
+    for b in _BLOCK_DS:
+        if b < floor:
+            continue
+        waste = -(-d // b) * b - d
+        if best is None or waste < best[0]:
+            best = (waste, b)
+    return best[1]
+
+
+def _block_t(block_d: int) -> int:
+    """Tokens per program for a column tile: about 4096 accumulator elements, 32 at most."""
+    return max(4, min(32, 4096 // block_d))
+
+
+def _device(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _round_code(dtype: torch.dtype) -> int:
+    if dtype not in _ROUND:
+        raise TypeError(f"the triton backend computes in float32, float16 or bfloat16, got {dtype}")
+    return _ROUND[dtype]
+
+
+def _gather(indices, weights, W, bias, out, round_code: int, binary: bool):
+    N, k = indices.shape
+    d = W.shape[1]
+    if N == 0 or d == 0:
+        return out
+    BD = _block_d(d)
+    BT = _block_t(BD)
+    grid = (triton.cdiv(N, BT), triton.cdiv(d, BD))
+    _gather_rows_kernel[grid](indices, weights, W, bias if bias is not None else out, out, N, k, d,
+                              BLOCK_T=BT, BLOCK_D=BD, ROUND=round_code, BINARY=binary,
+                              HAS_BIAS=bias is not None)
+    return out
+
+
+class _Buckets:
+    """The CSR transpose of ``indices`` [N, k] by latent, cut into segments of ``seg`` selections.
+
+    Built with a stable ``torch.sort`` and ``searchsorted`` (no host sync, deterministic):
+    ``perm`` lists the flat selections t * k + j latent by latent, in token order within a latent;
+    ``offsets[i]:offsets[i+1]`` is latent i's range. Every latent gets max(1, ceil(count / seg))
+    segments (empty latents one, which writes zeros); ``seg_latent[s]`` is segment s's latent (M
+    for the spare entries of the upper-bound grid). Multi-segment latents write their partial rows
+    at ``multi_off[i] + local`` in a scratch buffer; ``multi`` lists them first.
+    """
+
+    def __init__(self, indices: torch.Tensor, M: int, seg: int):
+        dev = indices.device
+        flat = indices.reshape(-1)
+        NK = flat.numel()
+        keys, self.perm = torch.sort(flat, stable=True)
+        self.offsets = torch.searchsorted(keys, torch.arange(M + 1, device=dev, dtype=keys.dtype))
+        counts = self.offsets[1:] - self.offsets[:-1]
+        self.nseg = torch.clamp((counts + seg - 1) // seg, min=1)
+        seg_end = torch.cumsum(self.nseg, 0)
+        self.seg_start = seg_end - self.nseg
+        # Upper bounds known without a sync: each latent has one segment plus one per full `seg`.
+        self.max_segments = M + NK // seg
+        self.seg_latent = torch.searchsorted(seg_end, torch.arange(self.max_segments, device=dev, dtype=seg_end.dtype),
+                                             right=True)
+        multi = torch.where(self.nseg > 1, self.nseg, torch.zeros_like(self.nseg))
+        self.multi_off = torch.cumsum(multi, 0) - multi
+        # a multi-segment latent has > seg selections, so at most NK // seg of them, each with
+        # ceil(count / seg) < 2 count / seg segments
+        self.max_multi = min(M, NK // seg)
+        self.scratch_rows = 2 * NK // seg + 1
+        self.multi = torch.argsort((self.nseg <= 1).to(torch.int8), stable=True)[: self.max_multi]
+        self.seg = seg
+        self.M = M
+
+
+def _bucket_sums(b: _Buckets, k: int, wts: torch.Tensor, rows, plain: bool, want_b: bool):
+    """(grad [M, d] or None, grad_b [M] or None): sums over each latent's selections p of
+    ``wts[p] * rows[p // k]`` (``rows[p // k]`` where ``wts[p] != 0`` if ``plain``) and of ``wts[p]``."""
+    M = b.M
+    dev = wts.device
+    has_rows = rows is not None
+    d = rows.shape[1] if has_rows else 0
+    grad = torch.empty(M, d, dtype=torch.float32, device=dev) if has_rows else None
+    grad_b = torch.empty(M, dtype=torch.float32, device=dev) if want_b else None
+    if M == 0 or (not want_b and d == 0):
+        return grad, grad_b
+    if has_rows and d == 0:
+        has_rows = False
+    BD = _block_d(d) if has_rows else 16
+    col_blocks = triton.cdiv(d, BD) if has_rows else 1
+    scratch = torch.empty(b.scratch_rows if has_rows else 1, max(d, 1), dtype=torch.float32, device=dev)
+    scratch_b = torch.empty(b.scratch_rows, dtype=torch.float32, device=dev)
+    dummy = scratch_b
+    _bucket_kernel[(b.max_segments, col_blocks)](
+        b.perm, b.offsets, b.seg_latent, b.seg_start, b.nseg, b.multi_off, wts,
+        rows if has_rows else dummy, grad if has_rows else dummy, scratch, grad_b if want_b else dummy, scratch_b,
+        M, k, d, b.seg, BLOCK_E=BLOCK_E, BLOCK_D=BD, PLAIN=plain, HAS_ROWS=has_rows, HAS_B=want_b)
+    if b.max_multi > 0:
+        _bucket_reduce_kernel[(b.max_multi, col_blocks)](
+            b.multi, b.nseg, b.multi_off, scratch, scratch_b, grad if has_rows else dummy,
+            grad_b if want_b else dummy, d, BLOCK_D=BD, HAS_ROWS=has_rows, HAS_B=want_b)
+    return grad, grad_b
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend functions (signatures of backends/reference.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_forward(indices, acts, W_dec, b_dec, binary: bool):
+    """``y[t] = b_dec + sum_j acts[t,j] * W_dec[indices[t,j]]`` in acts' dtype (binary: masked sum)."""
+    N = indices.shape[0]
+    d = W_dec.shape[1]
+    out = torch.empty(N, d, dtype=acts.dtype, device=acts.device)
+    with _device(acts):
+        return _gather(indices.contiguous(), acts.contiguous(), W_dec.contiguous(),
+                       b_dec.contiguous() if b_dec is not None else None, out, _round_code(acts.dtype), binary)
+
+
+def decode_backward(grad_y, indices, acts, W_dec, binary: bool, need_acts: bool, need_W: bool):
+    """``(grad_acts f32 [N,k], grad_W_dec f32 [M,d])``, ``None`` where not needed."""
+    N, k = indices.shape
+    M, d = W_dec.shape
+    dev = acts.device
+    grad_acts = grad_W = None
+    grad_y = grad_y.contiguous()
+    indices = indices.contiguous()
+    with _device(acts):
+        if need_acts:
+            grad_acts = torch.empty(N, k, dtype=torch.float32, device=dev)
+            if N * k > 0:
+                if d == 0:
+                    grad_acts.zero_()
+                else:
+                    BD = _block_d(d)
+                    BT = _block_t(BD)
+                    _dot_rows_kernel[(triton.cdiv(N, BT),)](indices, grad_y, W_dec.contiguous(), grad_acts, N, k, d,
+                                                             BLOCK_T=BT, BLOCK_D=BD, ROUND=_round_code(acts.dtype))
+        if need_W:
+            b = _Buckets(indices, M, SEGMENT)
+            grad_W, _ = _bucket_sums(b, k, acts.contiguous().to(torch.float32).reshape(-1), grad_y, binary, False)
+    return grad_acts, grad_W
+
+
+def encode_backward(grad_acts, grad_values, values, x, W_enc, indices, mode: int, temperature: float,
+                    need_x: bool, need_W: bool, need_b: bool):
+    """``(grad_x, grad_W_enc, grad_b_enc)`` in float32 from ``grad_z = grad_acts * STE'(values) +
+    grad_values`` (mode 0: ``(grad_acts + grad_values) * 1[values > 0]``), ``None`` where not needed."""
+    if mode not in STE_MODES.values():
+        raise ValueError(f"unknown STE mode {mode}")
+    N, k = indices.shape
+    M, d = W_enc.shape
+    dev = x.device
+    grad_x = grad_W = grad_b = None
+    if not (need_x or need_W or need_b):
+        return grad_x, grad_W, grad_b
+    indices = indices.contiguous()
+    NK = N * k
+    with _device(x):
+        grad_z = torch.empty(N, k, dtype=torch.float32, device=dev)
+        if NK > 0:
+            BLOCK = 1024
+            _ste_kernel[(triton.cdiv(NK, BLOCK),)](grad_acts.contiguous(), grad_values.contiguous(),
+                                                   values.contiguous(), grad_z, NK, float(temperature),
+                                                   MODE=int(mode), BLOCK=BLOCK)
+        if need_x:
+            grad_x = torch.zeros(N, d, dtype=torch.float32, device=dev)
+            _gather(indices, grad_z, W_enc.contiguous(), None, grad_x, _round_code(x.dtype), False)
+        if need_W or need_b:
+            b = _Buckets(indices, M, SEGMENT)
+            grad_W, grad_b = _bucket_sums(b, k, grad_z.reshape(-1), x.contiguous() if need_W else None, False, need_b)
+    return grad_x, grad_W, grad_b
