@@ -199,3 +199,111 @@ def test_splice_restores_the_model_and_checks_inputs(lm_and_batches):
         pass
     assert not resolve_hookpoint(model, "layers.1")._forward_hooks
     assert not resolve_hookpoint(model, "layers.0.mlp")._forward_hooks
+
+
+def manual_logits(model, batches, replace=None):
+    """Next-token logits [n, V] and targets [n] of all batches, with an optional hand-written hook."""
+    outs, targets = [], []
+    for batch in batches:
+        handle = None
+        if replace is not None:
+            module, fn = replace
+            handle = module.register_forward_hook(lambda m, args, out: fn(args[0], out))
+        with torch.no_grad():
+            logits = model(input_ids=batch).logits
+        if handle is not None:
+            handle.remove()
+        outs.append(logits[:, :-1].reshape(-1, logits.shape[-1]))
+        targets.append(batch[:, 1:].reshape(-1))
+    return torch.cat(outs), torch.cat(targets)
+
+
+def test_zero_coder_scores_zero_and_spliced_metrics_match_definitions(lm_and_batches):
+    """A coder whose output is always 0 *is* the zero ablation: ce_loss_score = kl_div_score = 0, and
+    its FVU is sum ||y||^2 / sum ||y - mean y||^2. KL and accuracy drop checked against torch."""
+    model, batches = lm_and_batches
+    zero = SparseCoder(16, SparseCoderConfig(activation="topk", num_latents=32, k=4))
+    with torch.no_grad():
+        zero.W_dec.zero_()
+        zero.b_dec.zero_()
+    res = evaluate(model, {"z": {"layers.0.mlp": zero}}, batches).results
+    m = res["variants"]["z"]["hookpoints"]["layers.0.mlp"]
+    assert m["ce_loss_score"] == pytest.approx(0.0, abs=1e-6)
+    assert m["kl_div_score"] == pytest.approx(0.0, abs=1e-6)
+    assert m["ce_loss_spliced"] == pytest.approx(m["ce_loss_zero_ablation"], rel=1e-7)
+    assert "all_hookpoints" not in res["variants"]["z"]  # one hookpoint: nothing more to splice together
+
+    mlp = resolve_hookpoint(model, "layers.0.mlp")
+    ys = []
+    for batch in batches:
+        with capture(model, ["layers.0.mlp"]) as cap, torch.no_grad():
+            model(input_ids=batch)
+        ys.append(cap["layers.0.mlp"][1].reshape(-1, 16).double())
+    y = torch.cat(ys)
+    assert m["fvu"] == pytest.approx(float(y.square().sum() / (y - y.mean(0)).square().sum()), rel=1e-6)
+    assert m["explained_variance"] == pytest.approx(1 - m["fvu"], rel=1e-12)
+
+    clean_logits, targets = manual_logits(model, batches)
+    zero_logits, _ = manual_logits(model, batches, (mlp, lambda inp, out: torch.zeros_like(out)))
+    kl = F.kl_div(torch.log_softmax(zero_logits, -1), torch.log_softmax(clean_logits, -1), log_target=True,
+                  reduction="none").sum(-1).mean()
+    assert m["kl_div"] == pytest.approx(float(kl), rel=1e-4)
+    acc_clean = float((clean_logits.argmax(-1) == targets).float().mean())
+    acc_zero = float((zero_logits.argmax(-1) == targets).float().mean())
+    assert m["accuracy_clean"] == pytest.approx(acc_clean) and m["accuracy_drop"] == pytest.approx(acc_clean - acc_zero)
+    assert m["ce_increase"] == pytest.approx(float(F.cross_entropy(zero_logits, targets) - F.cross_entropy(clean_logits, targets)),
+                                             rel=1e-4, abs=1e-6)
+
+
+def test_all_at_once_matches_a_manual_double_splice(lm_and_batches):
+    model, batches = lm_and_batches
+    tc = random_coder(16, "topk_binary", transcode=True)
+    sae = random_coder(16, "topk", seed=1)
+    res = evaluate(model, {"v": {"layers.0.mlp": tc, "layers.1": sae}}, batches, zero_ablation=False).results
+    together = res["variants"]["v"]["all_hookpoints"]
+    mlp, layer1 = resolve_hookpoint(model, "layers.0.mlp"), resolve_hookpoint(model, "layers.1")
+    h1 = mlp.register_forward_hook(lambda m, args, out: reconstruct(tc, args[0])[0])
+
+    def sae_hook(m, args, out):
+        o = out[0] if isinstance(out, tuple) else out
+        new = reconstruct(sae, o)[0]
+        return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
+    h2 = layer1.register_forward_hook(sae_hook)
+    try:
+        ce = manual_ce(model, batches)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert together["ce_loss_spliced"] == pytest.approx(ce, rel=1e-5)
+    # Splicing both is not the same as either alone (the test would be vacuous otherwise).
+    singles = [res["variants"]["v"]["hookpoints"][h]["ce_loss_spliced"] for h in ("layers.0.mlp", "layers.1")]
+    assert all(abs(s - ce) > 1e-6 for s in singles)
+
+
+def test_bf16_model_with_fp32_coders():
+    """The LM in bf16, the coders in their fp32 checkpoint dtype: an exact identity still changes nothing."""
+    model = tiny_lm(seed=1).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 64, (2, 16), generator=g)]
+    res = evaluate(model, {"id": {"layers.0.mlp": identity_sae(16)}}, batches).results
+    m = res["variants"]["id"]["hookpoints"]["layers.0.mlp"]
+    assert m["fvu"] == 0 and abs(m["ce_increase"]) < 1e-5 and m["kl_div"] < 1e-6
+
+
+def test_hybrid_parts_partition_the_firing_statistics(lm_and_batches):
+    model, batches = lm_and_batches
+    coder = random_coder(16, "topk_hybrid", M=40, k=6, seed=2)
+    res = evaluate(model, {"h": {"layers.1": coder}}, batches)
+    m = res.results["variants"]["h"]["hookpoints"]["layers.1"]
+    parts = m["hybrid_parts"]
+    Mb = coder.binary_latents
+    assert parts["binary"]["num_latents"] == Mb and parts["continuous"]["num_latents"] == 40 - Mb
+    assert parts["binary"]["l0"] + parts["continuous"]["l0"] == pytest.approx(m["l0"])
+    for key in ("dead_count", "count_over_10pct", "count_over_50pct"):
+        assert parts["binary"][key] + parts["continuous"][key] == m[key], key
+    indices, acts = res.codes["h"]["layers.1"]
+    kb = coder.binary_k(6)
+    assert set(acts[:, :kb].unique().tolist()) <= {0.0, 1.0} and bool((indices[:, :kb] < Mb).all())
+    fired_b = indices[:, :kb][acts[:, :kb] == 1]
+    assert parts["binary"]["dead_count"] == Mb - fired_b.unique().numel()

@@ -145,6 +145,16 @@ def firing_summary(counts: Tensor, n_tokens: int) -> dict:
     return out
 
 
+def part_summary(counts: Tensor, n_tokens: int, start: int, stop: int) -> dict:
+    """Firing summary of the latents [start, stop) only (a hybrid coder's binary or continuous part),
+    with their share of L0: sum of their firing counts / tokens (each token fires a latent at most once)."""
+    part = counts[start:stop]
+    out = firing_summary(part, n_tokens)
+    out.pop("firing_hist")
+    out["l0"] = float(part.sum()) / n_tokens
+    return out
+
+
 def log10_histogram(rates: Tensor) -> dict:
     """Histogram of log10(firing rate) of the live latents on the fixed ``HIST_LOG10_EDGES`` bins.
 

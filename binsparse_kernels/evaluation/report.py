@@ -283,29 +283,57 @@ METRIC_NOTES = """\
 
 
 def _observations(results: dict) -> str:
-    """A few sentences comparing binary and TopK where both are present, computed from the numbers."""
+    """A few sentences comparing binary, TopK and hybrid coders where present, computed from the numbers."""
     v = results["variants"]
-    names = {n.split("/")[-1]: n for n in v}
-    if "binary" not in names or "topk" not in names:
+    by_kind: dict[str, str] = {}
+    for name in sorted(v, key=_variant_sort_key):
+        hooks = v[name]["hookpoints"].values()
+        kinds = {m.get("activation") for m in hooks}
+        kind = {"topk_binary": "binary", "topk": "topk", "topk_hybrid": "hybrid"}.get(kinds.pop()) if len(kinds) == 1 else None
+        if kind and kind not in by_kind:
+            by_kind[kind] = name
+    if "binary" not in by_kind or "topk" not in by_kind:
         return ""
-    b, t = v[names["binary"]], v[names["topk"]]
+    shown = [k for k in ("binary", "topk", "hybrid") if k in by_kind]
+    label = {"binary": "binary", "topk": "TopK", "hybrid": "hybrid"}
 
-    def mean(entry, key):
-        return _mean([m.get(key) for m in entry["hookpoints"].values()])
+    def mean(kind, key):
+        return _mean([m.get(key) for m in v[by_kind[kind]]["hookpoints"].values()])
 
-    lines = ["## Binary vs TopK on these runs", ""]
-    for label, key in (("FVU", "fvu"), ("CE increase", "ce_increase"), ("KL", "kl_div"), ("L0", "l0"),
-                       ("dead fraction", "dead_fraction"), ("latents on >10% of tokens", "count_over_10pct"),
-                       ("latents on >50% of tokens", "count_over_50pct")):
-        bv, tv = mean(b, key), mean(t, key)
-        if math.isnan(bv) or math.isnan(tv):
+    title = " vs ".join(label[k] for k in shown)
+    lines = [f"## {title} on these runs", "",
+             "Means over hookpoints (variants: " + ", ".join(f"{label[k]} = `{by_kind[k]}`" for k in shown) + ").", ""]
+    for name, key in (("FVU", "fvu"), ("CE increase", "ce_increase"), ("KL", "kl_div"), ("L0", "l0"),
+                      ("dead fraction", "dead_fraction"), ("latents on >10% of tokens", "count_over_10pct"),
+                      ("latents on >50% of tokens", "count_over_50pct")):
+        vals = {k: mean(k, key) for k in shown}
+        if any(math.isnan(x) for x in vals.values()):
             continue
-        rel = f" ({bv / tv:.2f}x)" if bv > 0 and tv > 0 and key != "dead_fraction" else ""
-        lines.append(f"- {label}: binary {_format(key, bv)} vs TopK {_format(key, tv)}{rel} (mean over hookpoints)")
-    bp, tp = b.get("interp_proxy") or {}, t.get("interp_proxy") or {}
-    if bp and tp:
-        lines.append(f"- proxy F1 plain: binary {bp['f1_mean']:.3f} vs TopK {tp['f1_mean']:.3f}; "
-                     f"frequency-weighted: binary {bp['f1_weighted']:.3f} vs TopK {tp['f1_weighted']:.3f}")
+        tv = vals["topk"]
+        parts = []
+        for k in shown:
+            rel = (f" ({vals[k] / tv:.2f}x TopK)" if k != "topk" and vals[k] > 0 and tv > 0 and key != "dead_fraction"
+                   else "")
+            parts.append(f"{label[k]} {_format(key, vals[k])}{rel}")
+        lines.append(f"- {name}: " + ", ".join(parts))
+    proxies = {k: v[by_kind[k]].get("interp_proxy") or {} for k in shown}
+    if all(proxies.values()):
+        lines.append("- proxy F1 plain: " + ", ".join(f"{label[k]} {proxies[k]['f1_mean']:.3f}" for k in shown)
+                     + "; frequency-weighted: " + ", ".join(f"{label[k]} {proxies[k]['f1_weighted']:.3f}" for k in shown))
+    if "hybrid" in by_kind:
+        parts = [m.get("hybrid_parts") for m in v[by_kind["hybrid"]]["hookpoints"].values()]
+        parts = [p for p in parts if p]
+        if parts:
+            def pm(part, key):
+                return _mean([p[part][key] for p in parts])
+            lines.append("- hybrid, binary part vs continuous part: L0 "
+                         f"{pm('binary', 'l0'):.2f} vs {pm('continuous', 'l0'):.2f}, latents on >10% of tokens "
+                         f"{_format('count_', pm('binary', 'count_over_10pct'))} vs "
+                         f"{_format('count_', pm('continuous', 'count_over_10pct'))}, on >50% "
+                         f"{_format('count_', pm('binary', 'count_over_50pct'))} vs "
+                         f"{_format('count_', pm('continuous', 'count_over_50pct'))}, dead "
+                         f"{_format('dead_fraction', pm('binary', 'dead_fraction'))} vs "
+                         f"{_format('dead_fraction', pm('continuous', 'dead_fraction'))}")
     lines.append("")
     lines.append("These are measurements on the runs above, at their training budget; small or short runs need not "
                  "reproduce the paper's findings.")
@@ -382,24 +410,32 @@ def build_report(runs, out_dir, *, model, tokenizer, tokens: torch.Tensor, model
 
 
 def build_default_report(run_dir, out_dir=None, *, model=None, tokenizer=None, tokens=None, model_label=None,
-                         n_tokens: int = 2**16, ctx_len: int = 1024, batch_size: int = 8, dataset=None,
+                         n_tokens: int = 2**16, ctx_len: Optional[int] = None, batch_size: int = 8, dataset=None,
                          device=None, log=print) -> Path:
     """The report for a finished run: ``<run_dir>/report`` unless ``out_dir`` is given.
 
     Pass the already-loaded ``model``/``tokenizer`` (and held-out ``tokens`` [n, T]) to avoid loading
-    them again; otherwise the default offline model and the default held-out corpus are used.
+    them again; otherwise the default offline model is loaded. Without ``tokens``, the held-out
+    chunks of ``dataset`` are evaluated; ``dataset``/``ctx_len`` left None come from the run's
+    ``trainer_state.pt`` (the data it was trained on), else the built-in corpus and 256 tokens.
     """
+    cfg = _lm.read_run_config(run_dir) or {}
+    given = tokens is not None
     if model is None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer, label = _lm.load_model(None, device=device)
+        model, tokenizer, label = _lm.load_model(cfg.get("model"), device=device)
         model_label = model_label or label
     if tokens is None:
         if tokenizer is None:
             raise ValueError("build_default_report needs a tokenizer to read the held-out text (or tokens)")
-        tokens = _lm.load_eval_tokens(tokenizer, dataset=dataset, split="train", text_column="text", ctx_len=ctx_len,
+        if dataset is None:
+            dataset = cfg.get("dataset")
+        ctx_len = ctx_len or int(cfg.get("ctx_len") or 256)
+        tokens = _lm.load_eval_tokens(tokenizer, dataset=dataset, split=cfg.get("split") or "train",
+                                      text_column=cfg.get("text_column") or "text", ctx_len=ctx_len,
                                       n_tokens=n_tokens)
-    data = {"dataset": dataset or "default (trainer's held-out corpus)", "ctx_len": int(tokens.shape[1]),
-            "tokens": int(tokens.numel())}
+    data = {"dataset": dataset or "built-in corpus", "ctx_len": int(tokens.shape[1]), "tokens": int(tokens.numel()),
+            "chunks": "given by the caller" if given else "the trainer's held-out chunks"}
     return build_report([run_dir], out_dir or Path(run_dir) / "report", model=model, tokenizer=tokenizer,
                         tokens=tokens, model_label=model_label or "", opts=EvalOptions(batch_size=batch_size),
                         data=data, device=device, log=log)

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..coder import SparseCoder
-from .metrics import FiringStats, ReconstructionStats, TokenLossStats, next_token_stats, splice_scores
+from .metrics import (FiringStats, ReconstructionStats, TokenLossStats, next_token_stats, part_summary,
+                      splice_scores)
 
 # A replacement: (module input, module output) -> the tensor that replaces the output.
 Replacement = Callable[[Tensor, Tensor], Tensor]
@@ -252,6 +253,11 @@ def evaluate(model: nn.Module, coder_sets: Mapping[str, Mapping[str, SparseCoder
         for h, coder in coders.items():
             per_hook[h] = {**coder_info(coder), **recon[v][h].result(), **firing[v][h].result(),
                            **splice_scores(clean_res, single[v][h].result(), zero_res.get(h))}
+            if coder.cfg.hybrid:  # latents [0, Mb) are binary, the rest continuous
+                f, Mb = firing[v][h], coder.binary_latents
+                per_hook[h]["hybrid_parts"] = {
+                    "binary": part_summary(f.counts, f.n_tokens, 0, Mb),
+                    "continuous": part_summary(f.counts, f.n_tokens, Mb, coder.num_latents)}
         entry = {"hookpoints": per_hook}
         if v in together:
             entry["all_hookpoints"] = splice_scores(clean_res, together[v].result(), None)
