@@ -16,8 +16,8 @@ import torch
 from binsparse_kernels.coder import SparseCoder, SparseCoderConfig
 from binsparse_kernels.cli import main as binsparse_main
 from binsparse_kernels.evaluation import _lm
-from binsparse_kernels.evaluation.cli import TABLE_COLUMNS, discover_checkpoints
-from binsparse_kernels.evaluation.report import build_default_report
+from binsparse_kernels.evaluation.cli import TABLE_COLUMNS, data_defaults, discover_checkpoints
+from binsparse_kernels.evaluation.report import build_default_report, read_fvu_curves
 from binsparse_kernels.evaluation.splice import capture
 from test_eval_splice import synthetic_text, tiny_lm, word_tokenizer
 
@@ -25,7 +25,7 @@ HOOKS = {"layers.0.mlp": True, "layers.1": False}  # hookpoint -> transcode
 CTX = 32
 
 
-def _train(coder, x, y, steps=40):
+def _train(coder, x, y, steps=30):
     coder.init_from_batch(x, y)
     opt = torch.optim.Adam(coder.parameters(), lr=1e-2)
     curve = []
@@ -122,7 +122,8 @@ def test_default_report_from_a_run(tiny_run):
     assert md.count("| binary | layers.") == 2 and "| binary | all at once |" in md
     assert "Proxy F1 is not the paper's interpretability score" in md
     assert "[[" in md and "]]" in md  # marked tokens in the contexts
-    assert "## Binary vs TopK on these runs" in md
+    assert "## binary vs TopK vs hybrid on these runs" in md
+    assert "- hybrid, binary part vs continuous part: L0" in md
     _assert_png(out / "firing_rates.png")
     _assert_png(out / "fvu_curves.png")
     assert "![FVU vs step](fvu_curves.png)" in md
@@ -165,3 +166,95 @@ def test_eval_and_report_commands(tiny_run, tmp_path, capsys):
 def test_eval_command_rejects_bad_options(tiny_run):
     with pytest.raises(ValueError, match="--tokens"):
         binsparse_main(["eval", str(tiny_run["run"]), "--tokens", "0"])
+
+
+def test_eval_command_fails_fast_on_bad_checkpoints(tiny_run, tmp_path):
+    root, run = tiny_run["root"], tiny_run["run"]
+    # A hookpoint the model does not have: reported right after the model loads, before any data is
+    # read (the dataset path below does not exist, so reading it first would fail differently).
+    bad = tmp_path / "badrun" / "binary" / "layers.7.mlp"
+    bad.parent.mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(run / "binary" / "layers.1", bad)
+    args = ["--model", str(root / "model"), "--dataset", str(tmp_path / "missing.txt"), "--device", "cpu"]
+    with pytest.raises(ValueError, match=r"layers\.7\.mlp.*names no module"):
+        binsparse_main(["eval", str(tmp_path / "badrun"), *args])
+    with pytest.raises(ValueError, match="names no module"):
+        binsparse_main(["report", str(tmp_path / "badrun"), "--out", str(tmp_path / "rep"), *args])
+    assert not (tmp_path / "rep" / "report.md").exists()
+    # No checkpoints at all, a missing folder, an incomplete checkpoint: before the model loads.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no sparse coder checkpoints"):
+        binsparse_main(["eval", str(tmp_path / "empty"), "--model", str(tmp_path / "no_model")])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        binsparse_main(["eval", str(tmp_path / "nowhere"), "--model", str(tmp_path / "no_model")])
+    (bad / "sae.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no sae.safetensors"):
+        binsparse_main(["report", str(tmp_path / "badrun"), "--out", str(tmp_path / "rep"),
+                        "--model", str(tmp_path / "no_model")])
+
+
+def test_data_defaults_come_from_the_runs_training_config(tmp_path):
+    import argparse
+
+    run = tmp_path / "run"
+    (run / "binary" / "layers.1").mkdir(parents=True)
+    torch.save({"step": 3, "config": {"dataset": "corpus.jsonl", "split": "validation", "text_column": "body",
+                                      "ctx_len": 64}}, run / "trainer_state.pt")
+    checkpoints = {"binary": {"layers.1": run / "binary" / "layers.1"}}
+    blank = dict(dataset=None, split=None, text_column=None, ctx_len=None, all_chunks=False)
+    args = argparse.Namespace(**blank)
+    data_defaults(args, checkpoints, log=lambda m: None)
+    assert (args.dataset, args.split, args.text_column, args.ctx_len) == ("corpus.jsonl", "validation", "body", 64)
+    logs = []
+    args = argparse.Namespace(**(blank | {"ctx_len": 128, "dataset": "other.txt"}))
+    data_defaults(args, checkpoints, log=logs.append)
+    assert args.dataset == "other.txt" and args.ctx_len == 128
+    assert any("overlap" in m for m in logs)  # a different ctx_len re-chunks the text: held-out is not held out
+    args = argparse.Namespace(**blank)  # no trainer_state.pt: built-in corpus, the trainer's default ctx_len
+    data_defaults(args, {"binary": {"h": tmp_path / "x" / "binary" / "h"}}, log=lambda m: None)
+    assert (args.dataset, args.split, args.text_column, args.ctx_len) == (None, "train", "text", 256)
+
+
+def test_fvu_curves_from_a_run_level_metrics_file(tmp_path):
+    """The trainer writes one ``<run>/metrics.jsonl`` with ``fvu/<variant>/<hookpoint>`` keys."""
+    run = tmp_path / "run"
+    (run / "binary").mkdir(parents=True)
+    lines = [{"step": 10, "fvu/binary/layers.9.mlp": 0.5, "fvu/topk/layers.9.mlp": 0.4, "l0/binary/layers.9.mlp": 3.0},
+             {"step": 20, "fvu/binary/layers.9.mlp": 0.3, "fvu/topk/layers.9.mlp": 0.2}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n{\"step\": 30, \"fvu/bin")
+    assert read_fvu_curves(run / "binary", "binary") == {"layers.9.mlp": ([10.0, 20.0], [0.5, 0.3])}
+    assert read_fvu_curves(run / "topk", "topk") == {"layers.9.mlp": ([10.0, 20.0], [0.4, 0.2])}
+    assert read_fvu_curves(run / "hybrid", "hybrid") == {}
+
+
+def test_trainer_run_ends_with_the_report(tiny_run, tmp_path):
+    """What ``binsparse train`` does at the end of a run (train/cli.py): the real Trainer on the tiny
+    LM, then ``build_default_report`` with the same arguments; the held-out data comes from the run's
+    trainer_state.pt."""
+    trainer_mod = pytest.importorskip("binsparse_kernels.train.trainer")
+    text = tmp_path / "text.txt"
+    text.write_text(synthetic_text(600, seed=3))
+    cfg = trainer_mod.TrainConfig(dataset=str(text), hookpoints=["layers.1.mlp"], variants=["binary", "topk"], k=4,
+                                  num_latents=64, batch_size=4, ctx_len=CTX, max_tokens=4 * CTX * 6,
+                                  save_dir=str(tmp_path), run_name="r", log_every=2, save_every=1000, device="cpu")
+    trainer = trainer_mod.Trainer(cfg, tiny_run["model"], tiny_run["tokenizer"], log=lambda m: None)
+    run_dir = trainer.train()
+    out = build_default_report(run_dir, model=trainer.model, tokenizer=trainer.tokenizer,
+                               model_label=trainer.model_label, ctx_len=cfg.ctx_len, n_tokens=16 * cfg.ctx_len,
+                               device=str(trainer.device), log=None)
+    assert out == run_dir / "report"
+    md = (out / "report.md").read_text()
+    assert "| metric | binary | topk |" in md and "![FVU vs step](fvu_curves.png)" in md
+    _assert_png(out / "firing_rates.png")
+    _assert_png(out / "fvu_curves.png")
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"]["dataset"] == str(text) and results["ctx_len"] == CTX
+    # Only the trainer's held-out chunks were scored.
+    train_data = pytest.importorskip("binsparse_kernels.train.data")
+    _, held = train_data.load_chunks(tiny_run["tokenizer"], str(text), ctx_len=CTX)
+    assert results["n_sequences"] == held.shape[0]
+    for v in ("binary", "topk"):
+        m = results["variants"][v]["hookpoints"]["layers.1.mlp"]
+        assert m["transcode"] is True and 0 <= m["fvu"] < 1.5 and m["l0"] <= 4
