@@ -104,6 +104,10 @@ def test_high_frequency_counts_and_histogram():
     assert r["count_over_50pct"] == int((rates > 0.5).sum()) == 3
     assert r["frac_over_50pct"] == pytest.approx(3 / 12)
     assert r["dead_count"] == 2
+    q = r["firing_rate_quantiles"]
+    assert q["max"] == 1.0
+    for name, level in (("p10", 10), ("p50", 50), ("p90", 90), ("p99", 99)):
+        assert q[name] == pytest.approx(np.percentile(rates.numpy(), level)), name
     hist = r["firing_hist"]
     assert sum(hist["counts"]) == 10 and hist["dead"] == 2
     assert hist["log10_edges"] == HIST_LOG10_EDGES
@@ -147,3 +151,22 @@ def test_frequency_weighted_mean():
     c = torch.tensor([1, 3, 4])
     assert frequency_weighted_mean(f1, c) == pytest.approx((1.0 + 0.0 + 2.0) / 8)
     assert math.isnan(frequency_weighted_mean(f1, torch.zeros(3)))
+
+
+def test_high_frequency_and_dead_counts_use_firing_not_selection():
+    """Constructed binary codes over 100 tokens, k = 3 slots always holding latents 0, 1, 2:
+    latent 0 fires (act 1) on 60 tokens, latent 1 on 20, latent 2 is selected everywhere and never
+    fires. Counting selections would call all three >50% and none dead."""
+    N, M = 100, 8
+    indices = torch.tensor([[0, 1, 2]] * N)
+    acts = torch.zeros(N, 3)
+    acts[:60, 0] = 1
+    acts[:20, 1] = 1
+    s = FiringStats(M)
+    s.update(acts, indices)
+    r = s.result()
+    assert r["count_over_50pct"] == 1 and r["frac_over_50pct"] == pytest.approx(1 / M)
+    assert r["count_over_10pct"] == 2 and r["frac_over_10pct"] == pytest.approx(2 / M)
+    assert r["dead_count"] == M - 2 and r["dead_fraction"] == pytest.approx((M - 2) / M)
+    assert r["l0"] == pytest.approx(0.8)  # (60 + 20) firings / 100 tokens
+    assert s.firing_rates()[:3].tolist() == [0.6, 0.2, 0.0]

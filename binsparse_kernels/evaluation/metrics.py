@@ -16,6 +16,8 @@ Definitions (all sums run over every evaluated token, not per batch):
 * firing rate of a latent = tokens on which it fires / tokens evaluated. Dead = never fired on the
   evaluated tokens (an eval-window estimate, not the trainer's 10M-token counter).
 * Ultra-high-frequency latents: count and fraction firing on > 10% and > 50% of tokens (> 1% too).
+* Firing-rate distribution: the log10 histogram on fixed bins (below) and quantiles (p10, p50, p90,
+  p99, max) of the per-latent firing rates, dead latents included.
 * Spliced-LM metrics (see ``splice.py``): ce_loss_score = (CE_zero - CE_spliced) / (CE_zero - CE_clean),
   kl_div_score = (KL_zero - KL_spliced) / KL_zero, with KL = KL(clean || other) per predicted token.
 """
@@ -141,6 +143,10 @@ def firing_summary(counts: Tensor, n_tokens: int) -> dict:
         n = int((rates > threshold).sum())
         out[f"count_over_{name}"] = n
         out[f"frac_over_{name}"] = n / M
+    qs = torch.tensor([0.1, 0.5, 0.9, 0.99], dtype=torch.float64)
+    q = torch.quantile(rates, qs).tolist() if M else [float("nan")] * 4
+    out["firing_rate_quantiles"] = {"p10": q[0], "p50": q[1], "p90": q[2], "p99": q[3],
+                                    "max": float(rates.max()) if M else float("nan")}
     out["firing_hist"] = log10_histogram(rates)
     return out
 
