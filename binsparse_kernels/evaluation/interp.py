@@ -229,24 +229,31 @@ DELPHI_README = """\
 Written by `binsparse eval --delphi_cache`. Layout (delphi's `LatentCache.save_splits` format):
 
     latents/<hookpoint>/<first>_<last>.safetensors   locations [n, 3] (sequence, position, latent - first),
-                                                     activations [n] float16, tokens [sequences, seq_len]
+                                                     uint16 (uint32 when too large); activations [n] float16;
+                                                     tokens [sequences, seq_len]
     latents/<hookpoint>/config.json                  delphi's cache config + model_name
     log/hookpoint_firing_counts.pt                   {hookpoint: int64 firing count per latent}
 
-How to use it: copy this folder to `results/<name>/` of a delphi checkout and run delphi's pipeline
-with `--name <name>` and the same `--hookpoints` (delphi skips the caching stage when
-`results/<name>/latents` exists, unless `--overwrite cache` is given), or use delphi's Python API
-directly: `LatentDataset(raw_dir="<this folder>/latents", ...)` then an explainer and a scorer.
-`model_name` in config.json must name a tokenizer delphi can load (edit it if the model was a local
-GGUF file). delphi reports F1 per latent; weight it by `hookpoint_firing_counts.pt` for the
-frequency-weighted F1.
+Transcoders' latents were computed from the hooked module's *input*, SAEs' from its output.
+
+How to score it: use delphi's Python API on `latents/` (`LatentDataset(raw_dir=".../latents",
+modules=[hookpoint], sampler_cfg=..., constructor_cfg=..., tokenizer=...)`, then an explainer and a
+detection/fuzzing scorer with a client of your choice); see docs/EVALUATION.md of binsparse_kernels
+for a sketch. delphi's command line (`python -m delphi MODEL SPARSE_MODEL --name NAME`) skips its
+own caching stage when `results/NAME/latents` is not empty, but it loads SPARSE_MODEL through
+sparsify first, and stock sparsify refuses binary checkpoints (the extra `log_threshold`), so the
+CLI route only works for continuous TopK coders. `model_name` in config.json must name a tokenizer
+delphi can load (edit it if the model was a local GGUF file). delphi scores each latent; weight the
+scores by `hookpoint_firing_counts.pt` for the frequency-weighted F1, and count the latents whose
+explanation or score failed to parse.
 
 WARNING for binary coders: every activation is exactly 1. delphi samples explanation and scoring
-examples by activation *quantiles*; with all activations equal the quantiles degenerate (every
-example lands in the same bin, so "top" examples are arbitrary firings), and the explainer sees
-no activation strengths. Set delphi's sampler `train_type` to "random" for binary coders (its
-other choices are "top" and "quantiles", depending on the delphi version) and compare coders under
-the same sampler settings. Also mind delphi's `min_examples` (latents with fewer firings are skipped).
+examples by activation *quantiles*; with all activations equal the quantile bins are arbitrary
+slices of the firings (every example has the same activation, so "top" and "quantile" examples
+are just random firings) and the explainer sees no activation strengths. Use the random sampler
+for explanations (`SamplerConfig(train_type="random")`; the choices depend on the delphi version)
+and compare coders under the same sampler settings. Mind `min_examples` (default 200): latents
+with fewer firings in the cache are skipped, so cache enough tokens.
 """
 
 
