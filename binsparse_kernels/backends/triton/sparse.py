@@ -389,3 +389,106 @@ def encode_backward(grad_acts, grad_values, values, x, W_enc, indices, mode: int
             b = _Buckets(indices, M, SEGMENT)
             grad_W, grad_b = _bucket_sums(b, k, grad_z.reshape(-1), x.contiguous() if need_W else None, False, need_b)
     return grad_x, grad_W, grad_b
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (tests/test_triton_sparse.py compiles them for sm_90 and sm_80)
+# ---------------------------------------------------------------------------------------------
+
+_TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _spec(fn, types: dict, constexprs: dict):
+    sig = {name: types.get(name, "constexpr" if name in constexprs else "i32") for name in fn.arg_names}
+    missing = [name for name in fn.arg_names if name not in types and name not in constexprs]
+    assert all(name in ("N", "k", "d", "M", "SEG", "n") for name in missing), missing
+    return fn, sig, dict(constexprs)
+
+
+def _launch_triples():
+    """Every (kernel, type dict, constexpr dict) the wrappers can launch (the exhaustive list)."""
+    blocks = [(_block_t(bd), bd) for bd in sorted(_BLOCK_DS)]
+    out = []
+    # decode forward: acts dtype a (output and rounding), weights and bias any float
+    for a in _FLOATS:
+        for w in _FLOATS:
+            for binary in (False, True):
+                for has_bias in (False, True):
+                    types = {"idx_ptr": "*i64", "a_ptr": f"*{_TY[a]}", "w_ptr": f"*{_TY[w]}",
+                             "bias_ptr": f"*{_TY[w] if has_bias else _TY[a]}", "out_ptr": f"*{_TY[a]}"}
+                    for bt, bd in blocks:
+                        out.append((_gather_rows_kernel, types, dict(BLOCK_T=bt, BLOCK_D=bd, ROUND=_ROUND[a],
+                                                                     BINARY=binary, HAS_BIAS=has_bias)))
+    # encoder grad_x: float32 weights (grad_z) and output, weight rows rounded to x's dtype
+    for x in _FLOATS:
+        for w in _FLOATS:
+            types = {"idx_ptr": "*i64", "a_ptr": "*fp32", "w_ptr": f"*{_TY[w]}", "bias_ptr": "*fp32",
+                     "out_ptr": "*fp32"}
+            for bt, bd in blocks:
+                out.append((_gather_rows_kernel, types,
+                            dict(BLOCK_T=bt, BLOCK_D=bd, ROUND=_ROUND[x], BINARY=False, HAS_BIAS=False)))
+    # decode backward grad_acts: grad_y in acts' dtype (the decode output's), rounding to it
+    for a in _FLOATS:
+        for w in _FLOATS:
+            types = {"idx_ptr": "*i64", "g_ptr": f"*{_TY[a]}", "w_ptr": f"*{_TY[w]}", "out_ptr": "*fp32"}
+            for bt, bd in blocks:
+                out.append((_dot_rows_kernel, types, dict(BLOCK_T=bt, BLOCK_D=bd, ROUND=_ROUND[a])))
+    for g in _FLOATS:
+        types = {"ga_ptr": f"*{_TY[g]}", "gv_ptr": f"*{_TY[g]}", "v_ptr": "*fp32", "gz_ptr": "*fp32",
+                 "temperature": "fp32"}
+        for m in (0, 1, 2, 3):
+            out.append((_ste_kernel, types, dict(MODE=m, BLOCK=1024)))
+    bucket_ptrs = {"perm_ptr": "*i64", "offsets_ptr": "*i64", "seg_latent_ptr": "*i64", "seg_start_ptr": "*i64",
+                   "nseg_ptr": "*i64", "multi_off_ptr": "*i64", "w_ptr": "*fp32", "grad_ptr": "*fp32",
+                   "scratch_ptr": "*fp32", "grad_b_ptr": "*fp32", "scratch_b_ptr": "*fp32"}
+    reduce_ptrs = {"multi_ptr": "*i64", "nseg_ptr": "*i64", "multi_off_ptr": "*i64", "scratch_ptr": "*fp32",
+                   "scratch_b_ptr": "*fp32", "grad_ptr": "*fp32", "grad_b_ptr": "*fp32"}
+    # (PLAIN, HAS_ROWS, HAS_B): decode binary / continuous; encode W and b / W only / b only
+    for plain, has_rows, has_b in ((True, True, False), (False, True, False), (False, True, True),
+                                   (False, False, True)):
+        bds = sorted(_BLOCK_DS) if has_rows else [16]
+        for r in (_FLOATS if has_rows else (torch.float32,)):
+            for bd in bds:
+                out.append((_bucket_kernel, dict(bucket_ptrs, rows_ptr=f"*{_TY[r]}"),
+                            dict(BLOCK_E=BLOCK_E, BLOCK_D=bd, PLAIN=plain, HAS_ROWS=has_rows, HAS_B=has_b)))
+        for bd in bds:
+            out.append((_bucket_reduce_kernel, reduce_ptrs, dict(BLOCK_D=bd, HAS_ROWS=has_rows, HAS_B=has_b)))
+    return out
+
+
+def _is_main(types: dict) -> bool:
+    """The dtypes of a bf16 model with fp32 master weights (or no low-precision tensor at all)."""
+    vals = set(types.values())
+    return "*fp16" not in vals and types.get("w_ptr", "*fp32") == "*fp32" and (
+        "*bf16" in vals or types.get("rows_ptr", "*bf16") == "*bf16" and types.get("ga_ptr", "*bf16") == "*bf16"
+        and types.get("g_ptr", "*bf16") == "*bf16" and types.get("a_ptr") in (None, "*fp32"))
+
+
+def aot_specs(exhaustive: bool = False):
+    """``[(JITFunction, signature dict, constexpr dict)]`` covering every kernel and every constexpr
+    configuration the wrappers can launch, for ``triton.compile(ASTSource(...))``.
+
+    By default: every constexpr configuration once (with bf16 activations and fp32 weights where
+    the wrapper can launch it so), and every dtype combination once; ``exhaustive=True`` gives every
+    launchable (dtypes, constexprs) pair. Scalar arguments are typed i32, as a launch with values
+    that fit specialises them (``temperature`` fp32).
+    """
+    triples = _launch_triples()
+    if not exhaustive:
+        chosen, seen_cfg, seen_types = [], set(), set()
+        key = lambda fn, d: (fn.__name__, tuple(sorted(d.items())))  # noqa: E731
+        for fn, types, cfg in sorted(triples, key=lambda t: not _is_main(t[1])):
+            if key(fn, cfg) not in seen_cfg or key(fn, types) not in seen_types:
+                chosen.append((fn, types, cfg))
+                seen_cfg.add(key(fn, cfg))
+                seen_types.add(key(fn, types))
+        triples = chosen
+    return [_spec(fn, types, cfg) for fn, types, cfg in triples]
+
+
+def aot_attrs(fn, signature: dict) -> dict:
+    """Divisibility-by-16 hints on every pointer and on d, as a launch with 16-byte aligned tensors
+    and d % 16 == 0 gets (the vectorised-load path that runs at d = 576 and 2048)."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+            if signature[name].startswith("*") or name == "d"}

@@ -1,0 +1,401 @@
+"""The Triton sparse decode and backward kernels (``backends/triton/sparse.py``) against the reference.
+
+Without a GPU the kernels run under the Triton interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1), so the shapes are small and the dtypes fp32/fp16 (the interpreter's bf16 is
+unreliable); bf16 and the larger shapes run in the ``gpu``-marked tests. Every kernel and every
+constexpr configuration the wrappers launch is also compiled ahead of time for sm_90 and sm_80
+(in a subprocess without the interpreter), since the interpreter accepts code the compiler rejects.
+
+Covered: decode values and every backward output against ``backends/reference.py``, binary and
+continuous, all four STE modes, b_dec None, weights of another dtype rounded to the compute
+dtype, odd sizes (several column tiles, partial token blocks), k = 1, k = M, large k, duplicate
+indices in a row, a latent firing on half the tokens (multi-segment buckets, with the segment size
+lowered), need_* flags off, zero tokens, bitwise determinism, and gradients of every parameter
+(log_threshold included) through the public API.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import binsparse_kernels as bk
+from binsparse_kernels.backends import reference
+
+pytest.importorskip("triton")
+from binsparse_kernels.backends.triton import sparse  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+INTERP_DTYPES = [torch.float32, torch.float16]
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=5e-3, rtol=5e-3),
+       torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+GRAD_TOL = dict(atol=1e-4, rtol=1e-4)  # float32 gradients of identical float32 products
+
+
+@pytest.fixture
+def small_segments(monkeypatch):
+    """Segments of 4 selections: a latent with more than 4 selections spans several programs."""
+    monkeypatch.setattr(sparse, "SEGMENT", 4)
+
+
+def codes(N, M, k, dtype, binary, *, hot=None):
+    """Distinct indices per row (latent `hot` forced into every other row), and acts."""
+    indices = torch.rand(N, M).argsort(1)[:, :k]
+    if hot is not None:
+        rows = torch.arange(0, N, 2)
+        has = (indices[rows] == hot).any(1)
+        indices[rows[~has], 0] = hot
+    if binary:
+        acts = (torch.rand(N, k) > 0.3).to(dtype)
+    else:
+        acts = torch.randn(N, k).to(dtype)
+    return indices.to(DEV), acts.to(DEV)
+
+
+def assert_same(got, ref, tol, dtype=None):
+    assert (got is None) == (ref is None)
+    if ref is None:
+        return
+    assert got.dtype == (dtype or ref.dtype) and got.shape == ref.shape
+    torch.testing.assert_close(got, ref, **tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode forward
+# ---------------------------------------------------------------------------------------------
+
+# (N, M, d, k): d = 13 and 40 one column tile; d = 300 five tiles of 64; N not a multiple of the
+# token block; k = 1, k = M, and a large k.
+DECODE_SHAPES = [(37, 53, 13, 5), (9, 7, 40, 7), (20, 30, 300, 1), (5, 150, 19, 140)]
+
+
+@pytest.mark.parametrize("with_b_dec", [True, False], ids=["b_dec", "no_b_dec"])
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "continuous"])
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=str)
+def test_decode_forward_matches_reference(shape, dtype, binary, with_b_dec):
+    N, M, d, k = shape
+    indices, acts = codes(N, M, k, dtype, binary)
+    W = torch.randn(M, d, device=DEV)
+    b = torch.randn(d, device=DEV) if with_b_dec else None
+    got = sparse.decode_forward(indices, acts, W, b, binary)
+    ref = reference.decode_forward(indices, acts, W, b, binary)
+    assert_same(got, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype,eps", [(torch.float16, 2.0**-12)], ids=str)
+def test_weights_of_another_dtype_are_rounded_to_the_compute_dtype(dtype, eps):
+    # W holds 1 + eps (exact in fp32, rounds to 1 in `dtype`) and -1: every op sees the difference.
+    W = torch.tensor([[1.0 + eps, 1.0 + eps], [-1.0, -1.0]], device=DEV)
+    x = torch.ones(1, 2, dtype=dtype, device=DEV)
+    indices, acts = torch.tensor([[0, 1]], device=DEV), torch.ones(1, 2, dtype=dtype, device=DEV)
+    g32, g = torch.ones(1, 2, device=DEV), torch.ones(1, 2, dtype=dtype, device=DEV)
+    assert sparse.decode_forward(indices, acts, W, None, True).float().abs().max().item() == 0.0
+    assert sparse.decode_forward(indices, acts, W, None, False).float().abs().max().item() == 0.0
+    grad_x = sparse.encode_backward(g32, g32, torch.ones(1, 2, device=DEV), x, W, indices, 3, 1.0, True, False,
+                                    False)[0]
+    assert torch.equal(grad_x, torch.zeros(1, 2, device=DEV))
+    grad_acts = sparse.decode_backward(g, indices, acts, W, False, True, False)[0]
+    assert torch.equal(grad_acts, torch.tensor([[2.0, -2.0]], device=DEV))
+
+
+def test_binary_decode_skips_rows_whose_act_is_zero():
+    # A row of infinities selected with act 0 never reaches the sum (the load is masked off).
+    indices = torch.tensor([[0, 1], [1, 2]], device=DEV)
+    acts = torch.tensor([[1.0, 0.0], [1.0, 1.0]], device=DEV)
+    W = torch.tensor([[1.0, 2.0], [float("inf"), float("inf")], [3.0, 4.0]], device=DEV)
+    y = sparse.decode_forward(indices, acts, W, None, True)
+    assert y[0].tolist() == [1.0, 2.0] and y[1].isinf().all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode backward
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True), (False, False)], ids=str)
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "continuous"])
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(37, 53, 13, 5), (20, 30, 300, 1), (6, 9, 24, 9), (5, 150, 19, 140)], ids=str)
+def test_decode_backward_matches_reference(shape, dtype, binary, need, small_segments):
+    N, M, d, k = shape
+    indices, acts = codes(N, M, k, dtype, binary)
+    W = torch.randn(M, d, device=DEV)
+    g = torch.randn(N, d, device=DEV).to(dtype)
+    got = sparse.decode_backward(g, indices, acts, W, binary, *need)
+    ref = reference.decode_backward(g, indices, acts, W, binary, *need)
+    for a, r in zip(got, ref):
+        assert_same(a, r, GRAD_TOL, torch.float32)
+
+
+def test_decode_backward_with_duplicate_indices_in_a_row(small_segments):
+    # never produced by the encoder, but the gradients must still sum every selection
+    indices = torch.tensor([[1, 1, 2], [1, 3, 1], [1, 1, 1]] * 5, device=DEV)
+    for binary in (True, False):
+        acts = (torch.rand(15, 3, device=DEV) > 0.3).float() if binary else torch.randn(15, 3, device=DEV)
+        W, g = torch.randn(5, 11, device=DEV), torch.randn(15, 11, device=DEV)
+        got = sparse.decode_backward(g, indices, acts, W, binary, True, True)
+        ref = reference.decode_backward(g, indices, acts, W, binary, True, True)
+        for a, r in zip(got, ref):
+            assert_same(a, r, GRAD_TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder backward
+# ---------------------------------------------------------------------------------------------
+
+NEEDS = [(True, True, True), (True, False, False), (False, True, False), (False, False, True),
+         (False, True, True), (False, False, False)]
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 3], ids=["relu", "sigmoid", "rectangle", "identity"])
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+@pytest.mark.parametrize("need", NEEDS, ids=str)
+def test_encode_backward_matches_reference(mode, dtype, need, small_segments):
+    # latent 7 on half the tokens: 35 selections, 9 segments of 4, reduced by the second kernel
+    N, d, M, k = 69, 21, 90, 6
+    indices, _ = codes(N, M, k, dtype, True, hot=7)
+    x = torch.randn(N, d, device=DEV).to(dtype)
+    W = torch.randn(M, d, device=DEV)
+    values = torch.randn(N, k, device=DEV) * 2
+    values[0, :3] = 0.0  # the ReLU mask's boundary
+    ga, gv = torch.randn(N, k, device=DEV).to(dtype), torch.randn(N, k, device=DEV).to(dtype)
+    args = (ga, gv, values, x, W, indices, mode, 0.7, *need)
+    got = sparse.encode_backward(*args)
+    ref = reference.encode_backward(*args)
+    for a, r in zip(got, ref):
+        assert_same(a, r, GRAD_TOL, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(8, 5, 5, 1), (8, 5, 5, 5), (4, 140, 7, 130)], ids=["k1", "kM", "large_k"])
+def test_encode_backward_k_extremes(shape, small_segments):
+    N, M, d, k = shape
+    indices, _ = codes(N, M, k, torch.float32, True)
+    x, W = torch.randn(N, d, device=DEV), torch.randn(M, d, device=DEV)
+    values, ga, gv = (torch.randn(N, k, device=DEV) for _ in range(3))
+    for mode in (0, 1):
+        args = (ga, gv, values, x, W, indices, mode, 2.0, True, True, True)
+        for a, r in zip(sparse.encode_backward(*args), reference.encode_backward(*args)):
+            assert_same(a, r, GRAD_TOL)
+
+
+def test_bucket_segments_split_and_reduce_exactly(monkeypatch):
+    # A latent on every token and another on half of them, at segment sizes that divide the
+    # buckets evenly, unevenly, and not at all (one segment): the same sums each time.
+    N, M, d, k = 64, 12, 72, 3
+    indices = torch.stack([torch.zeros(N, dtype=torch.long), torch.arange(N) % 2 + 1,
+                           torch.randint(3, M, (N,))], 1).to(DEV)
+    g, acts = torch.randn(N, d, device=DEV), torch.randn(N, k, device=DEV)
+    W = torch.randn(M, d, device=DEV)
+    ref = reference.decode_backward(g, indices, acts, W, False, False, True)[1]
+    for seg in (1, 3, 16, 32, 1000):
+        monkeypatch.setattr(sparse, "SEGMENT", seg)
+        got = sparse.decode_backward(g, indices, acts, W, False, False, True)[1]
+        torch.testing.assert_close(got, ref, **GRAD_TOL)
+        _, gW, gb = sparse.encode_backward(acts, acts, acts, g, W, indices, 3, 1.0, False, True, True)
+        _, rW, rb = reference.encode_backward(acts, acts, acts, g, W, indices, 3, 1.0, False, True, True)
+        torch.testing.assert_close(gW, rW, **GRAD_TOL)
+        torch.testing.assert_close(gb, rb, **GRAD_TOL)
+
+
+def test_zero_tokens_and_unused_latents():
+    indices = torch.zeros(0, 3, dtype=torch.long, device=DEV)
+    acts, W = torch.zeros(0, 3, device=DEV), torch.randn(6, 5, device=DEV)
+    assert sparse.decode_forward(indices, acts, W, torch.randn(5, device=DEV), True).shape == (0, 5)
+    ga, gW = sparse.decode_backward(torch.zeros(0, 5, device=DEV), indices, acts, W, True, True, True)
+    assert ga.shape == (0, 3) and torch.equal(gW, torch.zeros(6, 5, device=DEV))
+    gx, gWe, gb = sparse.encode_backward(acts, acts, acts, torch.zeros(0, 5, device=DEV), W, indices, 1, 2.0,
+                                         True, True, True)
+    assert gx.shape == (0, 5) and not gWe.any() and not gb.any() and gb.shape == (6,)
+
+
+def test_results_are_bitwise_reproducible(small_segments):
+    N, M, d, k = 50, 16, 40, 6  # ~19 selections per latent: several segments each
+    indices, acts = codes(N, M, k, torch.float32, True, hot=3)
+    g, values = torch.randn(N, k, device=DEV), torch.randn(N, k, device=DEV)
+    x, gy = torch.randn(N, d, device=DEV), torch.randn(N, d, device=DEV)
+    W = torch.randn(M, d, device=DEV)
+
+    def run():
+        return (sparse.decode_forward(indices, g, W, None, False),
+                *sparse.decode_backward(gy, indices, acts, W, True, True, True),
+                *sparse.decode_backward(gy, indices, g, W, False, True, True),
+                *sparse.encode_backward(g, g, values, x, W, indices, 1, 2.0, True, True, True))
+
+    first = run()
+    for _ in range(2):
+        for a, b in zip(run(), first):
+            assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the public API: encode (triton) + decode (triton), gradients of every parameter
+# ---------------------------------------------------------------------------------------------
+
+
+def params(N, d_in, M, d_out, *, x_dtype=torch.float32, threshold=0.6):
+    return {
+        "x": torch.randn(N, d_in, device=DEV).to(x_dtype),
+        "W_enc": (torch.rand(M, d_in, device=DEV) * 2 - 1) / math.sqrt(d_in),
+        "b_enc": torch.randn(M, device=DEV) * 0.1,
+        "log_threshold": torch.full((M,), math.log(threshold), device=DEV) + torch.randn(M, device=DEV) * 0.1,
+        "W_dec": torch.randn(M, d_out, device=DEV) / math.sqrt(d_out),
+        "b_dec": torch.randn(d_out, device=DEV) * 0.1,
+    }
+
+
+def coder_grads(p, k, backend, *, binary, ste, temperature, with_b_dec, upstream):
+    leaves = {name: t.detach().clone().requires_grad_(True) for name, t in p.items()}
+    if binary:
+        out = bk.topk_binary_encode(leaves["x"], leaves["W_enc"], leaves["b_enc"], leaves["log_threshold"], k,
+                                    ste=ste, temperature=temperature, backend=backend)
+    else:
+        out = bk.topk_encode(leaves["x"], leaves["W_enc"], leaves["b_enc"], k, backend=backend)
+    y = bk.sparse_decode(out.indices, out.acts, leaves["W_dec"], leaves["b_dec"] if with_b_dec else None,
+                         binary=binary, backend=backend)
+    G_acts, G_values, G_y = upstream
+    loss = ((y.float() * G_y).sum() + (out.acts.float() * G_acts.gather(1, out.indices)).sum()
+            + (out.values.float() * G_values.gather(1, out.indices)).sum())
+    names = [n for n in leaves if (binary or n != "log_threshold") and (with_b_dec or n != "b_dec")]
+    grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+    return out, dict(zip(names, grads))
+
+
+E2E_CASES = [(True, "sigmoid", 2.0, True), (True, "rectangle", 0.3, True), (True, "identity", 1.0, False),
+             (False, "sigmoid", 2.0, True), (False, "sigmoid", 2.0, False)]
+
+
+def check_end_to_end(N, d_in, M, d_out, k, dtype, case, tol):
+    binary, ste, temperature, with_b_dec = case
+    p = params(N, d_in, M, d_out, x_dtype=dtype)
+    upstream = (torch.randn(N, M, device=DEV), torch.randn(N, M, device=DEV), torch.randn(N, d_out, device=DEV))
+    kw = dict(binary=binary, ste=ste, temperature=temperature, with_b_dec=with_b_dec, upstream=upstream)
+    got_out, got = coder_grads(p, k, "triton", **kw)
+    ref_out, ref = coder_grads(p, k, "reference", **kw)
+    if binary:
+        assert (got_out.acts == 0).any() and (got_out.acts == 1).any(), "want a mix of 0/1 acts"
+    assert torch.equal(got_out.indices.sort(1).values, ref_out.indices.sort(1).values), \
+        "selections differ: pick a seed without near-ties at the k-th value"
+    assert ref.keys() == got.keys()
+    for name in ref:
+        assert got[name].dtype == p[name].dtype, name
+        torch.testing.assert_close(got[name].float(), ref[name].float(), **tol, msg=name)
+
+
+@pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
+@pytest.mark.parametrize("case", E2E_CASES, ids=lambda c: f"{'binary-' + c[1] if c[0] else 'continuous'}"
+                                                          f"{'' if c[3] else '-no_b_dec'}")
+def test_gradients_through_the_public_api(case, dtype, small_segments):
+    check_end_to_end(33, 19, 45, 17, 6, dtype, case, TOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for sm_90 and sm_80 (the interpreter accepts code the compiler rejects)
+# ---------------------------------------------------------------------------------------------
+
+_AOT_SCRIPT = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from binsparse_kernels.backends.triton import sparse
+
+arch = int(sys.argv[1])
+target = GPUTarget("cuda", arch, 32)
+specs = sparse.aot_specs()
+failures = []
+for fn, sig, cx in specs:
+    types = {k: v for k, v in sig.items() if v.startswith("*")}
+    attrs = sparse.aot_attrs(fn, sig) if sparse._is_main(types) else None
+    try:
+        compiled = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs),
+                                  target=target)
+        assert len(compiled.asm["cubin"]) > 0, "empty cubin"
+    except Exception as exc:  # report every failing configuration, not only the first
+        failures.append(f"{fn.__name__} {sig} {cx}: {type(exc).__name__}: {str(exc)[:500]}")
+print(f"compiled {len(specs) - len(failures)} of {len(specs)} for sm_{arch}")
+for f in failures:
+    print(f)
+sys.exit(1 if failures else 0)
+"""
+
+
+def test_every_kernel_configuration_compiles_for_sm90_and_sm80():
+    pytest.importorskip("triton.backends.nvidia")
+    specs = sparse.aot_specs()
+    names = {fn.__name__ for fn, _, _ in specs}
+    assert names == {"_gather_rows_kernel", "_dot_rows_kernel", "_ste_kernel", "_bucket_kernel",
+                     "_bucket_reduce_kernel"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    procs = [subprocess.Popen([sys.executable, "-c", _AOT_SCRIPT, str(arch)], env=env, cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for arch in (90, 80)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-5000:]
+        assert f"compiled {len(specs)} of {len(specs)}" in out, out[-2000:]
+
+
+def test_aot_specs_cover_every_launch_configuration():
+    full = sparse.aot_specs(exhaustive=True)
+    cover = sparse.aot_specs()
+    key = lambda fn, d: (fn.__name__, tuple(sorted(d.items())))  # noqa: E731
+    assert {key(fn, cx) for fn, _, cx in full} == {key(fn, cx) for fn, _, cx in cover}
+    assert {key(fn, sig) for fn, sig, _ in full} == {key(fn, sig) for fn, sig, _ in cover}
+    # the wrappers' block choices are among the compiled ones
+    blocks = {(cx["BLOCK_T"], cx["BLOCK_D"]) for fn, _, cx in full if "BLOCK_T" in cx}
+    for d in (1, 13, 19, 40, 64, 72, 300, 576, 768, 2048, 2304, 4096, 5000):
+        bd = sparse._block_d(d)
+        assert (sparse._block_t(bd), bd) in blocks
+    assert sparse._block_d(576) == 64 and sparse._block_d(2048) == 256
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU: bf16, and sizes the interpreter cannot afford
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "continuous"])
+@pytest.mark.parametrize("d", [13, 576, 2056], ids=lambda d: f"d{d}")
+def test_gpu_decode_and_backward(d, binary, dtype):
+    N, M, k = 1000, 3000, 32
+    indices, acts = codes(N, M, k, dtype, binary, hot=11)
+    for w_dtype in (torch.float32, dtype):
+        W = torch.randn(M, d, device=DEV).to(w_dtype)
+        b = torch.randn(d, device=DEV).to(w_dtype)
+        g = torch.randn(N, d, device=DEV).to(dtype)
+        assert_same(sparse.decode_forward(indices, acts, W, b, binary),
+                    reference.decode_forward(indices, acts, W, b, binary), TOL[dtype])
+        for a, r in zip(sparse.decode_backward(g, indices, acts, W, binary, True, True),
+                        reference.decode_backward(g, indices, acts, W, binary, True, True)):
+            assert_same(a, r, dict(atol=2e-3, rtol=2e-3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_encode_backward_with_a_latent_on_half_the_tokens(mode, dtype):
+    N, d, M, k = 4096, 72, 512, 8  # latent 3: ~2048 selections, 8 segments of 256
+    indices, _ = codes(N, M, k, dtype, True, hot=3)
+    x, W = torch.randn(N, d, device=DEV).to(dtype), torch.randn(M, d, device=DEV)
+    values = torch.randn(N, k, device=DEV) * 2
+    ga, gv = torch.randn(N, k, device=DEV).to(dtype), torch.randn(N, k, device=DEV).to(dtype)
+    args = (ga, gv, values, x, W, indices, mode, 0.7, True, True, True)
+    for a, r in zip(sparse.encode_backward(*args), reference.encode_backward(*args)):
+        assert_same(a, r, dict(atol=2e-3, rtol=2e-3))
+    again = sparse.encode_backward(*args)
+    for a, b in zip(sparse.encode_backward(*args), again):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", E2E_CASES[:3] + E2E_CASES[3:4], ids=str)
+def test_gpu_gradients_through_the_public_api_bf16(case):
+    check_end_to_end(300, 64, 1000, 72, 32, torch.bfloat16, case, TOL[torch.bfloat16])
