@@ -31,7 +31,6 @@ from .interp import export_delphi_cache, token_proxy
 from .metrics import nan_to_none
 from .splice import EvalResult, evaluate, resolve_hookpoint
 
-VARIANT_NAMES = {"topk_binary": "binary", "topk": "topk", "topk_hybrid": "hybrid"}
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -102,7 +101,7 @@ def run_evaluation(model, coder_sets: dict[str, dict[str, SparseCoder]], tokens:
         done[0] += n
         if log is not None:
             rate = done[0] / max(time.time() - start, 1e-9)
-            log(f"  evaluated {done[0]:,}/{total:,} tokens ({rate:,.0f} tokens/s per pass)")
+            log(f"  evaluated {done[0]:,}/{total:,} tokens ({rate:,.0f} tokens/s, all passes of a batch together)")
 
     res = evaluate(model, coder_sets, _lm.iter_batches(tokens, opts.batch_size),
                    keep_codes=opts.interp or keep_codes, progress=progress)

@@ -25,6 +25,7 @@ from .interp import render_context, top_contexts
 from .metrics import nan_to_none
 
 VARIANT_ORDER = ["binary", "topk", "hybrid"]
+_ACTIVATION_VARIANT = {"topk_binary": "binary", "topk": "topk", "topk_hybrid": "hybrid"}
 SUMMARY_ROWS = [  # (label, key, where): where = "hook" (mean over hookpoints), "all", or "proxy"
     ("FVU", "fvu", "hook"),
     ("explained variance", "explained_variance", "hook"),
@@ -48,6 +49,7 @@ SUMMARY_ROWS = [  # (label, key, where): where = "hook" (mean over hookpoints), 
 
 def _variant_sort_key(name: str):
     base = name.split("/")[-1]
+    base = _ACTIVATION_VARIANT.get(base, base)  # folders named after the activation sort the same way
     return (VARIANT_ORDER.index(base) if base in VARIANT_ORDER else len(VARIANT_ORDER), name)
 
 
@@ -289,7 +291,7 @@ def _observations(results: dict) -> str:
     for name in sorted(v, key=_variant_sort_key):
         hooks = v[name]["hookpoints"].values()
         kinds = {m.get("activation") for m in hooks}
-        kind = {"topk_binary": "binary", "topk": "topk", "topk_hybrid": "hybrid"}.get(kinds.pop()) if len(kinds) == 1 else None
+        kind = _ACTIVATION_VARIANT.get(kinds.pop()) if len(kinds) == 1 else None
         if kind and kind not in by_kind:
             by_kind[kind] = name
     if "binary" not in by_kind or "topk" not in by_kind:
