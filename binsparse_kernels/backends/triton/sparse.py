@@ -44,7 +44,7 @@ SEGMENT = 256
 BLOCK_E = 16
 
 _ROUND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_BLOCK_DS = (256, 128, 64, 32, 16)
+_BLOCK_DS = (256, 128, 64, 32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def _bucket_reduce_kernel(multi_ptr, nseg_ptr, multi_off_ptr, scratch_ptr, scrat
 
 def _block_d(d: int) -> int:
     """Column tile: the least padding of d among tiles >= min(64, d), the larger tile on ties."""
-    floor = min(64, triton.next_power_of_2(max(d, 16)))
+    floor = min(64, triton.next_power_of_2(max(d, 32)))
     best = None
     for b in _BLOCK_DS:
         if b < floor:
@@ -305,7 +305,7 @@ def _bucket_sums(b: _Buckets, k: int, wts: torch.Tensor, rows, plain: bool, want
         return grad, grad_b
     if has_rows and d == 0:
         has_rows = False
-    BD = _block_d(d) if has_rows else 16
+    BD = _block_d(d) if has_rows else 32
     col_blocks = triton.cdiv(d, BD) if has_rows else 1
     scratch = torch.empty(b.scratch_rows if has_rows else 1, max(d, 1), dtype=torch.float32, device=dev)
     scratch_b = torch.empty(b.scratch_rows, dtype=torch.float32, device=dev)
@@ -447,7 +447,7 @@ def _launch_triples():
     # (PLAIN, HAS_ROWS, HAS_B): decode binary / continuous; encode W and b / W only / b only
     for plain, has_rows, has_b in ((True, True, False), (False, True, False), (False, True, True),
                                    (False, False, True)):
-        bds = sorted(_BLOCK_DS) if has_rows else [16]
+        bds = sorted(_BLOCK_DS) if has_rows else [32]
         for r in (_FLOATS if has_rows else (torch.float32,)):
             for bd in bds:
                 out.append((_bucket_kernel, dict(bucket_ptrs, rows_ptr=f"*{_TY[r]}"),
