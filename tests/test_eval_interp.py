@@ -88,6 +88,13 @@ def test_top_contexts_and_rendering():
     assert text == "w2 [[w3]] w4"
     text = render_context(tokens, 1, 0, lambda ids: "".join(f"<{i}>" for i in ids), before=4, after=2)
     assert text == "[[<5>]]<6><7>"
+    # Whitespace-only and empty tokens stay visible inside the marker; leading spaces stay outside.
+    pieces = {1: "a", 2: " b", 3: "\n\n  ", 4: " c"}
+    decode = lambda ids: "".join(pieces[i] for i in ids)
+    assert render_context(tokens, 0, 1, decode) == "a [[b]] c"  # the newline after b collapses to a space
+    assert render_context(tokens, 0, 2, decode) == "a b[[\\n\\n\u2423\u2423]] c"
+    pieces[3] = ""
+    assert render_context(tokens, 0, 2, decode) == "a b[[\u2205]] c"
 
 
 def test_delphi_export_round_trip(tmp_path):

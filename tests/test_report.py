@@ -247,6 +247,9 @@ def test_trainer_run_ends_with_the_report(tiny_run, tmp_path):
     assert out == run_dir / "report"
     md = (out / "report.md").read_text()
     assert "| metric | binary | topk |" in md and "![FVU vs step](fvu_curves.png)" in md
+    # One hookpoint: "all hookpoints at once" is that hookpoint's splice, not a blank.
+    row = next(line for line in md.splitlines() if line.startswith("| CE increase, all hookpoints at once |"))
+    assert "| - |" not in row
     _assert_png(out / "firing_rates.png")
     _assert_png(out / "fvu_curves.png")
     results = json.loads((out / "results.json").read_text())

@@ -217,7 +217,11 @@ def render_context(tokens: Tensor, seq: int, pos: int, decode, *, before: int = 
     else:
         mid, right = decode(window[n_left:n_left + 1]), decode(window[n_left + 1:])
     lead = mid[:len(mid) - len(mid.lstrip())]  # keep the token's leading space outside the marker
-    text = f"{left}{lead}[[{mid.strip()}]]{right}"
+    marked = mid.strip()
+    if not marked:  # a whitespace-only (or empty) token stays visible inside the marker
+        marked = mid.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "␣") or "∅"
+        lead = ""
+    text = f"{left}{lead}[[{marked}]]{right}"
     return " ".join(text.split())  # one line: newlines and runs of spaces collapse
 
 

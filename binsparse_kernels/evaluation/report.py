@@ -70,7 +70,10 @@ def summary_table(results: dict) -> tuple[list[str], list[list[str]]]:
             if where == "hook":
                 value = _mean([m.get(key) for m in entry["hookpoints"].values()])
             elif where == "all":
-                value = entry.get("all_hookpoints", {}).get(key, float("nan"))
+                together = entry.get("all_hookpoints")
+                if together is None and len(entry["hookpoints"]) == 1:
+                    together = next(iter(entry["hookpoints"].values()))  # one hookpoint: that splice is all of them
+                value = (together or {}).get(key, float("nan"))
             else:
                 value = (entry.get("interp_proxy") or {}).get(key, float("nan"))
             row.append(_format(key, value))
