@@ -186,7 +186,7 @@ def test_splice_restores_the_model_and_checks_inputs(lm_and_batches):
     model, batches = lm_and_batches
     with pytest.raises(ValueError, match="names no module"):
         evaluate(model, {"v": {"layers.7.mlp": identity_sae(16)}}, batches)
-    with pytest.raises(ValueError, match="width"):
+    with pytest.raises(ValueError, match="variant 'v', hookpoint 'layers.0.mlp'.*width 8"):
         evaluate(model, {"v": {"layers.0.mlp": identity_sae(8)}}, batches)
     with pytest.raises(ValueError, match="at least one"):
         evaluate(model, {}, batches)

@@ -221,7 +221,10 @@ def evaluate(model: nn.Module, coder_sets: Mapping[str, Mapping[str, SparseCoder
                 for h, coder in coders.items():
                     inp, out = captured[h]
                     x = inp if coder.cfg.transcode else out
-                    y_hat, acts, indices = reconstruct(coder, x, out_dtype=torch.float32)
+                    try:
+                        y_hat, acts, indices = reconstruct(coder, x, out_dtype=torch.float32)
+                    except ValueError as exc:
+                        raise ValueError(f"variant {v!r}, hookpoint {h!r}: {exc}") from None
                     recon[v][h].update(out.reshape(-1, out.shape[-1]), y_hat.reshape(-1, y_hat.shape[-1]))
                     firing[v][h].update(acts, indices)
                     if keep_codes:
