@@ -153,7 +153,9 @@ def _bucket_kernel(perm_ptr, offsets_ptr, seg_latent_ptr, seg_start_ptr, nseg_pt
         if HAS_ROWS:
             c = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
             cm = c < d
-            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            # one partial sum per lane of the [BLOCK_E, BLOCK_D] tile, reduced once at the end:
+            # a fixed summation order, so the result is bitwise reproducible
+            acc2 = tl.zeros((BLOCK_E, BLOCK_D), dtype=tl.float32)
             for e0 in range(start, end, BLOCK_E):
                 e = e0 + es
                 em = e < end
@@ -164,9 +166,10 @@ def _bucket_kernel(perm_ptr, offsets_ptr, seg_latent_ptr, seg_start_ptr, nseg_pt
                 r = tl.load(rows_ptr + (p // k)[:, None] * d + c[None, :], mask=em[:, None] & cm[None, :],
                             other=0).to(tl.float32)
                 if PLAIN:
-                    acc += tl.sum(r, axis=0)
+                    acc2 += r
                 else:
-                    acc += tl.sum(w[:, None] * r, axis=0)
+                    acc2 += w[:, None] * r
+            acc = tl.sum(acc2, axis=0)
             if nseg == 1:
                 tl.store(grad_ptr + i * d + c, acc, mask=cm)
             else:
@@ -271,7 +274,8 @@ class _Buckets:
         dev = indices.device
         flat = indices.reshape(-1)
         NK = flat.numel()
-        keys, self.perm = torch.sort(flat, stable=True)
+        # int32 keys: half the radix passes of int64 (the latents fit; validated by ops.py)
+        keys, self.perm = torch.sort(flat.to(torch.int32) if M < 2**31 else flat, stable=True)
         self.offsets = torch.searchsorted(keys, torch.arange(M + 1, device=dev, dtype=keys.dtype))
         counts = self.offsets[1:] - self.offsets[:-1]
         self.nseg = torch.clamp((counts + seg - 1) // seg, min=1)
