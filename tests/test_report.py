@@ -101,6 +101,16 @@ def test_discover_checkpoints(tiny_run):
         (run / "topk" / "best").rmdir()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         discover_checkpoints([run / "nope"])
+    # Two runs with the same variant names: every one is named <run>/<variant>.
+    other = tiny_run["root"] / "other_run"
+    if not other.exists():
+        import shutil
+
+        shutil.copytree(run / "topk", other / "topk")
+    two = discover_checkpoints([run / "topk", other])
+    assert set(two) == {"run/topk", "other_run/topk"}
+    assert two["other_run/topk"]["layers.1"] == other / "topk" / "layers.1"
+    assert set(discover_checkpoints([run / "topk", run / "topk" / "layers.1"])) == {"topk"}  # the same folder twice
     with pytest.raises(FileNotFoundError, match="no sparse coder checkpoints"):
         discover_checkpoints([tiny_run["root"] / "model"])
 

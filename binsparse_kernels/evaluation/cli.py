@@ -39,37 +39,42 @@ from .splice import EvalResult, evaluate, resolve_hookpoint
 def discover_checkpoints(paths) -> dict[str, dict[str, Path]]:
     """{variant: {hookpoint: checkpoint folder}} from run, variant or hookpoint folders.
 
-    Folders deeper than <run>/<variant>/<hookpoint> (e.g. copies under ``best/``) are not picked up
-    from a run folder; pass them explicitly.
+    A variant is named after its folder; when the same variant name comes from several runs, every
+    one of them is named ``<run>/<variant>``. Folders deeper than <run>/<variant>/<hookpoint> (e.g.
+    copies under ``best/``) are not picked up from a run folder; pass them explicitly.
     """
-    found: dict[str, dict[str, Path]] = {}
-    sources: dict[str, Path] = {}
+    entries = []  # (variant folder, variant name, hookpoint, checkpoint folder)
     for raw in paths:
         p = Path(raw)
         if not p.exists():
             raise FileNotFoundError(f"checkpoint path does not exist: {p}")
         if (p / "cfg.json").is_file():
-            entries = [(p.parent.name or "coder", p.name, p)]
+            found = [(p.parent, p.parent.name or "coder", p.name, p)]
         else:
             # A variant folder holds <hookpoint>/cfg.json; otherwise a run folder, <variant>/<hookpoint>/cfg.json.
-            entries = [(p.name, cfg.parent.name, cfg.parent) for cfg in sorted(p.glob("*/cfg.json"))]
-            if not entries:
-                entries = [(cfg.parent.parent.name, cfg.parent.name, cfg.parent) for cfg in sorted(p.glob("*/*/cfg.json"))]
-            if not entries:
+            found = [(p, p.name, cfg.parent.name, cfg.parent) for cfg in sorted(p.glob("*/cfg.json"))]
+            if not found:
+                found = [(cfg.parent.parent, cfg.parent.parent.name, cfg.parent.name, cfg.parent)
+                         for cfg in sorted(p.glob("*/*/cfg.json"))]
+            if not found:
                 raise FileNotFoundError(f"no sparse coder checkpoints (<hookpoint>/cfg.json) in {p} or its "
                                         f"variant folders")
-        for variant, hookpoint, folder in entries:
-            key = variant
-            if key in found and sources[key] != folder.parent:
-                key = f"{folder.parent.parent.name}/{variant}"  # same variant name from two runs
-            if key in found and hookpoint in found[key] and found[key][hookpoint] != folder:
-                raise ValueError(f"two checkpoints for variant {key!r}, hookpoint {hookpoint!r}: "
-                                 f"{found[key][hookpoint]} and {folder}")
+        for variant_dir, variant, hookpoint, folder in found:
             if not (folder / "sae.safetensors").is_file():
                 raise FileNotFoundError(f"incomplete checkpoint: {folder} has cfg.json but no sae.safetensors")
-            found.setdefault(key, {})[hookpoint] = folder
-            sources.setdefault(key, folder.parent)
-    return found
+            entries.append((variant_dir.resolve(), variant, hookpoint, folder))
+    dirs_by_name: dict[str, set] = {}
+    for variant_dir, variant, _, _ in entries:
+        dirs_by_name.setdefault(variant, set()).add(variant_dir)
+    out: dict[str, dict[str, Path]] = {}
+    for variant_dir, variant, hookpoint, folder in entries:
+        key = variant if len(dirs_by_name[variant]) == 1 else f"{variant_dir.parent.name}/{variant}"
+        hooks = out.setdefault(key, {})
+        if hookpoint in hooks and hooks[hookpoint].resolve() != folder.resolve():
+            raise ValueError(f"two checkpoints for variant {key!r}, hookpoint {hookpoint!r}: {hooks[hookpoint]} "
+                             f"and {folder}")
+        hooks[hookpoint] = folder
+    return out
 
 
 def load_coders(checkpoints: dict[str, dict[str, Path]], device) -> dict[str, dict[str, SparseCoder]]:
