@@ -130,3 +130,62 @@ def test_delphi_export_round_trip(tmp_path):
     assert torch.equal(counts["layers.0.mlp"], torch.bincount(idx_b[act_b != 0], minlength=M))
     assert set(load_delphi_cache(out, "layers.0.mlp")[1].tolist()) == {1.0}
     assert "quantile" in (out / "README.md").read_text()
+
+
+def _brute_force_proxy(tokens, dense, max_tokens, n_examples, min_examples):
+    """The proxy written plainly from its definition, latent by latent, with Python loops over a dense
+    [N, M] activation matrix (distinct activations, so "top examples" need no tie-breaking)."""
+    S, T = tokens.shape
+    flat = tokens.reshape(-1).tolist()
+    n_a = (S // 2) * T
+    A, B = range(0, n_a), range(n_a, S * T)
+    out = {}
+    for i in range(dense.shape[1]):
+        col = dense[:, i].tolist()
+        fires_a = [t for t in A if col[t] != 0]
+        fires_b = [t for t in B if col[t] != 0]
+        if len(fires_a) < min_examples or not fires_b:
+            continue
+        top = sorted(fires_a, key=lambda t: -col[t])[:n_examples]
+        cands = sorted({flat[t] for t in top})
+        fired_with = lambda tok, rng: sum(1 for t in rng if flat[t] == tok and col[t] != 0)
+        occ = lambda tok, rng: sum(1 for t in rng if flat[t] == tok)
+        ranked = sorted(cands, key=lambda tok: -(fired_with(tok, A) / occ(tok, A)))[:max_tokens]
+
+        def f1(expl, rng, fires):
+            pos = len(fires)
+            neg = len(rng) - pos
+            tp = sum(fired_with(tok, rng) for tok in expl)
+            fp = sum(occ(tok, rng) for tok in expl) - tp
+            if tp == 0:
+                return 0.0
+            tpr, fpr = tp / pos, fp / max(neg, 1)
+            prec = tpr / (tpr + fpr)
+            return 2 * tpr * prec / (tpr + prec)
+
+        scores = [f1(ranked[:j + 1], A, fires_a) for j in range(len(ranked))]
+        best = max(scores)
+        length = next(j for j, s in enumerate(scores) if s >= best - 1e-12) + 1
+        expl = ranked[:length]
+        out[i] = (sorted(expl), f1(expl, B, fires_b))
+    return out
+
+
+def test_proxy_matches_a_brute_force_implementation():
+    S, T, V, M, k = 12, 30, 15, 24, 4
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, V, (S, T), generator=g)
+    flat = tokens.reshape(-1)
+    # Latents that prefer a few tokens, with noise: firing depends on the token and on chance.
+    pref = torch.rand(M, V, generator=g) ** 3
+    scores = pref[:, flat].T + 0.3 * torch.rand(S * T, M, generator=g)
+    acts, indices = scores.topk(k, dim=1)
+    acts = torch.where(acts > 0.6, acts, torch.zeros_like(acts))  # selected but below threshold: 0
+    dense = torch.zeros(S * T, M).scatter_(1, indices, acts)
+    p = token_proxy(tokens, indices, acts, M, max_tokens=4, n_examples=8, min_examples=3)
+    expect = _brute_force_proxy(tokens, dense, max_tokens=4, n_examples=8, min_examples=3)
+    assert len(expect) >= 5  # enough latents scored for the comparison to mean something
+    assert sorted(p.latents.tolist()) == sorted(expect)
+    for latent, f1 in zip(p.latents.tolist(), p.f1.tolist()):
+        assert sorted(p.explanation(latent)) == expect[latent][0], latent
+        assert f1 == pytest.approx(expect[latent][1], abs=1e-6), latent
