@@ -476,7 +476,8 @@ def aot_specs(exhaustive: bool = False):
     By default: every constexpr configuration once (with bf16 activations and fp32 weights where
     the wrapper can launch it so), and every dtype combination once; ``exhaustive=True`` gives every
     launchable (dtypes, constexprs) pair. Scalar arguments are typed i32, as a launch with values
-    that fit specialises them (``temperature`` fp32).
+    that fit specialises them (``temperature`` fp32); one more spec per kernel has every integer
+    argument specialised to 1, as a launch with N, k or d = 1 gets.
     """
     triples = _launch_triples()
     if not exhaustive:
@@ -488,11 +489,21 @@ def aot_specs(exhaustive: bool = False):
                 seen_cfg.add(key(fn, cfg))
                 seen_types.add(key(fn, types))
         triples = chosen
-    return [_spec(fn, types, cfg) for fn, types, cfg in triples]
+    specs = [_spec(fn, types, cfg) for fn, types, cfg in triples]
+    # A launch also specialises integer arguments equal to 1 (N = 1, k = 1, d = 1) as constants:
+    # one such launch per kernel, on its first configuration with the main dtypes.
+    ones = {}
+    for fn, types, cfg in sorted(_launch_triples(), key=lambda t: not _is_main(t[1])):
+        fn, sig, cx = _spec(fn, types, cfg)
+        if fn.__name__ not in ones:
+            ints = [name for name, ty in sig.items() if ty == "i32"]
+            ones[fn.__name__] = (fn, dict(sig, **{name: "constexpr" for name in ints}),
+                                 dict(cx, **{name: 1 for name in ints}))
+    return specs + list(ones.values())
 
 
 def aot_attrs(fn, signature: dict) -> dict:
     """Divisibility-by-16 hints on every pointer and on d, as a launch with 16-byte aligned tensors
     and d % 16 == 0 gets (the vectorised-load path that runs at d = 576 and 2048)."""
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-            if signature[name].startswith("*") or name == "d"}
+            if signature[name].startswith("*") or (name == "d" and signature[name] == "i32")}
