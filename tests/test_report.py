@@ -210,13 +210,14 @@ def test_data_defaults_come_from_the_runs_training_config(tmp_path):
 
     run = tmp_path / "run"
     (run / "binary" / "layers.1").mkdir(parents=True)
-    torch.save({"step": 3, "config": {"dataset": "corpus.jsonl", "split": "validation", "text_column": "body",
-                                      "ctx_len": 64}}, run / "trainer_state.pt")
+    torch.save({"step": 3, "config": {"model": "some/model", "dataset": "corpus.jsonl", "split": "validation",
+                                      "text_column": "body", "ctx_len": 64}}, run / "trainer_state.pt")
     checkpoints = {"binary": {"layers.1": run / "binary" / "layers.1"}}
-    blank = dict(dataset=None, split=None, text_column=None, ctx_len=None, all_chunks=False)
+    blank = dict(model=None, dataset=None, split=None, text_column=None, ctx_len=None, all_chunks=False)
     args = argparse.Namespace(**blank)
     data_defaults(args, checkpoints, log=lambda m: None)
-    assert (args.dataset, args.split, args.text_column, args.ctx_len) == ("corpus.jsonl", "validation", "body", 64)
+    assert (args.model, args.dataset, args.split, args.text_column, args.ctx_len) == (
+        "some/model", "corpus.jsonl", "validation", "body", 64)
     logs = []
     args = argparse.Namespace(**(blank | {"ctx_len": 128, "dataset": "other.txt"}))
     data_defaults(args, checkpoints, log=logs.append)
@@ -224,7 +225,7 @@ def test_data_defaults_come_from_the_runs_training_config(tmp_path):
     assert any("overlap" in m for m in logs)  # a different ctx_len re-chunks the text: held-out is not held out
     args = argparse.Namespace(**blank)  # no trainer_state.pt: built-in corpus, the trainer's default ctx_len
     data_defaults(args, {"binary": {"h": tmp_path / "x" / "binary" / "h"}}, log=lambda m: None)
-    assert (args.dataset, args.split, args.text_column, args.ctx_len) == (None, "train", "text", 256)
+    assert (args.model, args.dataset, args.split, args.text_column, args.ctx_len) == (None, None, "train", "text", 256)
 
 
 def test_fvu_curves_from_a_run_level_metrics_file(tmp_path):

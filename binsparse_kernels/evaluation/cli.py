@@ -200,7 +200,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, data and budget options, shared by ``binsparse eval`` and ``binsparse report``."""
     g = parser.add_argument_group("model and data")
     g.add_argument("--model", default=None,
-                   help="a GGUF file, a local HF model folder or a hub name (default: the trainer's offline SmolLM2)")
+                   help="a GGUF file, a local HF model folder or a hub name (default: the model the run was trained "
+                        "on, from trainer_state.pt, else the trainer's offline SmolLM2)")
     g.add_argument("--dataset", default=None,
                    help="held-out text: .txt/.jsonl files or a folder of them, or a Hugging Face dataset name "
                         "(default: the dataset the run was trained on, from trainer_state.pt, else the built-in "
@@ -249,8 +250,8 @@ DEFAULT_CTX_LEN = 256  # the trainer's default
 
 
 def data_defaults(args, checkpoints: dict[str, dict[str, Path]], log=print) -> None:
-    """Fill ``args.dataset/split/text_column/ctx_len`` left unset from the runs' training config, so
-    ``binsparse eval RUN`` scores the trainer's held-out chunks of the data the run was trained on."""
+    """Fill ``args.model/dataset/split/text_column/ctx_len`` left unset from the runs' training config,
+    so ``binsparse eval RUN`` scores the trainer's held-out chunks of the data the run was trained on."""
     configs = {}
     for hooks in checkpoints.values():
         for folder in hooks.values():
@@ -262,6 +263,8 @@ def data_defaults(args, checkpoints: dict[str, dict[str, Path]], log=print) -> N
     keys = ("dataset", "split", "text_column", "ctx_len")
     if len({tuple(str(c.get(k)) for k in keys) for _, c in found}) > 1:
         log(f"warning: the runs were trained on different data settings; defaults taken from {found[0][0]}")
+    if getattr(args, "model", None) is None and cfg.get("model"):
+        args.model = cfg["model"]  # the model the run was trained on (None there: the default model)
     if args.dataset is None and cfg:
         args.dataset = cfg.get("dataset")  # None: the built-in corpus
     if args.split is None:
