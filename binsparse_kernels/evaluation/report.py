@@ -25,6 +25,7 @@ from .interp import render_context, top_contexts
 from .metrics import nan_to_none
 
 VARIANT_ORDER = ["binary", "topk", "hybrid"]
+LINESTYLES = ["-", "--", "-.", ":"]
 _ACTIVATION_VARIANT = {"topk_binary": "binary", "topk": "topk", "topk_hybrid": "hybrid"}
 SUMMARY_ROWS = [  # (label, key, where): where = "hook" (mean over hookpoints), "all", or "proxy"
     ("FVU", "fvu", "hook"),
@@ -161,7 +162,7 @@ def plot_firing_histograms(results: dict, path: Path) -> Path:
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 3.8 * nrows), squeeze=False)
     for ax, hook in zip(axes.flat, hooks):
         lowest = 0.0
-        for v in sorted(results["variants"], key=_variant_sort_key):
+        for n, v in enumerate(sorted(results["variants"], key=_variant_sort_key)):
             m = results["variants"][v]["hookpoints"].get(hook)
             if m is None:
                 continue
@@ -169,7 +170,8 @@ def plot_firing_histograms(results: dict, path: Path) -> Path:
             live = [i for i, c in enumerate(hist["counts"]) if c]
             if live:
                 lowest = min(lowest, hist["log10_edges"][live[0]])
-            ax.stairs(hist["counts"], hist["log10_edges"], label=f"{v} (dead: {hist['dead']})", linewidth=1.6)
+            ax.stairs(hist["counts"], hist["log10_edges"], label=f"{v} (dead: {hist['dead']})", linewidth=1.6,
+                      linestyle=LINESTYLES[n % len(LINESTYLES)])  # styles keep coinciding histograms apart
         for x, name in ((-1.0, "10%"), (math.log10(0.5), "50%")):
             ax.axvline(x, color="grey", linestyle=":", linewidth=1)
             ax.text(x, ax.get_ylim()[1] * 0.95, name, color="grey", ha="right", va="top", fontsize=8)
