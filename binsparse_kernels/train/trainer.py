@@ -1,0 +1,466 @@
+"""Train several sparse coders side by side on the activations of one LM forward per batch.
+
+Run layout (sparsify's per-hookpoint layout, one folder per coder variant):
+
+    <save_dir>/<run_name>/metrics.jsonl                  one JSON line per logged step
+    <save_dir>/<run_name>/trainer_state.pt               everything a resume needs, in one file
+    <save_dir>/<run_name>/<variant>/<hookpoint>/cfg.json + sae.safetensors
+
+Every file is written to a temporary name, fsynced and renamed over the old one, so a crash in the
+middle of a save leaves the previous checkpoint loadable. ``trainer_state.pt`` holds the coders'
+weights as well as the optimizer states, step and dead counters, so ``resume`` restores one
+consistent snapshot even if the process died between writing two files; the data position
+follows from the step (batches are taken in a fixed, seeded order).
+
+Data parallel: launched by ``torchrun`` (``WORLD_SIZE`` > 1), each rank takes its own
+``batch_size`` sequences per step, gradients are averaged across ranks with one all-reduce per
+coder, dead counters combine every rank's firings, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from schedulefree import ScheduleFreeWrapper
+from tqdm.auto import tqdm
+
+from ..coder import SparseCoder, SparseCoderConfig
+from . import data as data_mod
+from . import lm as lm_mod
+
+VARIANTS = {"binary": "topk_binary", "topk": "topk", "hybrid": "topk_hybrid"}
+
+
+@dataclass
+class TrainConfig:
+    model: Optional[str] = None  # None: the offline SmolLM2-135M GGUF
+    dataset: Optional[str] = None  # None: the built-in offline corpus
+    hookpoints: list[str] = field(default_factory=lambda: ["layers.9.mlp"])
+    variants: list[str] = field(default_factory=lambda: ["binary", "topk"])
+    transcode: bool = True
+    skip_connection: bool = True
+    k: int = 32
+    expansion_factor: int = 8
+    num_latents: int = 0
+    batch_size: int = 8  # sequences per step
+    ctx_len: int = 256
+    grad_acc_steps: int = 1
+    optimizer: str = "signum"  # or "adam"
+    lr: Optional[float] = None  # None: the LR law of method.md for each coder
+    lr_warmup_steps: int = 1000  # Adam only
+    auxk_alpha: float = 0.0
+    dead_feature_threshold: int = 10_000_000
+    exclude_tokens: list[int] = field(default_factory=list)
+    max_tokens: int = 1_000_000
+    save_dir: str = "runs"
+    run_name: str = "default"
+    save_every: int = 500
+    log_every: int = 10
+    device: Optional[str] = None
+    backend: Optional[str] = None
+    shuffle_seed: int = 0
+    init_seed: int = 0  # coder initialisation: the same seed gives the same starting weights
+    split: str = "train"
+    text_column: str = "text"
+    max_examples: Optional[int] = None
+    layer_stride: int = 1  # keep only hookpoints layers.N[.mlp] with N % layer_stride == 0
+    revision: Optional[str] = None  # hub model revision
+    resume: bool = False  # continue <save_dir>/<run_name> exactly where its last save left off
+    log_to_wandb: bool = False
+    wandb_log_frequency: int = 1  # in logged steps
+
+    def __post_init__(self):
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+        if self.optimizer not in ("signum", "adam"):
+            raise ValueError(f"optimizer must be 'signum' or 'adam', got {self.optimizer!r}")
+        if self.skip_connection and not self.transcode:
+            raise ValueError("skip_connection needs transcode (a skip maps the input to the output)")
+        for name in ("batch_size", "ctx_len", "grad_acc_steps", "max_tokens", "k", "layer_stride", "save_every",
+                     "log_every", "wandb_log_frequency"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def default_lr(optimizer: str, activation: str, num_latents: int) -> float:
+    """method.md's LR laws."""
+    if optimizer == "adam":
+        return 2e-4 / math.sqrt(num_latents / 2**14)
+    if activation == "topk":
+        return 5e-3 / math.sqrt(num_latents / 2**14)
+    return 3e-3 / math.sqrt(num_latents / 2**15)
+
+
+class SignSGD(torch.optim.Optimizer):
+    """``p -= lr * sign(grad)``; wrapped by ``schedulefree.ScheduleFreeWrapper`` this is Signum."""
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+def make_optimizer(cfg: TrainConfig, coder: SparseCoder, total_steps: int):
+    """(optimizer, LR scheduler or None, lr). A schedule-free optimizer comes back in eval mode:
+    the caller switches it to train mode once any saved state is loaded."""
+    lr = cfg.lr or default_lr(cfg.optimizer, coder.cfg.activation, coder.num_latents)
+    if cfg.optimizer == "signum":
+        return ScheduleFreeWrapper(SignSGD(coder.parameters(), lr), momentum=0.95), None, lr
+    opt = torch.optim.Adam(coder.parameters(), lr=lr)
+
+    def schedule(step):  # warm-up, then linear decay to 0
+        if step < cfg.lr_warmup_steps:
+            return (step + 1) / cfg.lr_warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - cfg.lr_warmup_steps))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule), lr
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun with several ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, *, chunks: Optional[torch.Tensor] = None,
+                 log=print, hf_token: Optional[str] = None):
+        self.cfg = cfg
+        self.rank, self.world = _init_distributed()
+        self.log = log if self.rank == 0 else (lambda *_: None)
+        if cfg.device:
+            self.device = torch.device(cfg.device)
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if self.world > 1 else 0)
+        else:
+            self.device = torch.device("cpu")
+        if model is None:
+            model, tokenizer, self.model_label = lm_mod.load_model(cfg.model, device=str(self.device),
+                                                                   revision=cfg.revision, hf_token=hf_token)
+        else:
+            self.model_label = cfg.model or type(model).__name__
+        self.model, self.tokenizer = model.eval(), tokenizer
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.hookpoints = lm_mod.expand_hookpoints(model, cfg.hookpoints)
+        if cfg.layer_stride > 1:
+            strided = [h for h in self.hookpoints
+                       if (m := re.fullmatch(r"layers\.(\d+)(\.mlp)?", h)) and int(m.group(1)) % cfg.layer_stride == 0]
+            if not strided:
+                raise ValueError(f"layer_stride={cfg.layer_stride} keeps none of the hookpoints {self.hookpoints}")
+            self.hookpoints = strided
+        if chunks is None:
+            chunks, _ = data_mod.load_chunks(tokenizer, cfg.dataset, ctx_len=cfg.ctx_len, seed=cfg.shuffle_seed,
+                                             split=cfg.split, text_column=cfg.text_column,
+                                             max_examples=cfg.max_examples)
+        if chunks.shape[0] < cfg.batch_size * self.world:
+            raise ValueError(f"the dataset has {chunks.shape[0]} chunks of {chunks.shape[1]} tokens, fewer than one "
+                             f"step needs ({cfg.batch_size} sequences x {self.world} ranks)")
+        self.chunks = chunks
+        self.tokens_per_step = cfg.batch_size * chunks.shape[1] * cfg.grad_acc_steps * self.world
+        self.total_steps = max(1, cfg.max_tokens // self.tokens_per_step)
+        self.run_dir = Path(cfg.save_dir) / cfg.run_name
+        d_model = self._width()
+        self.coders: dict[str, dict[str, SparseCoder]] = {}
+        self.optimizers, self.lrs = {}, {}
+        for variant in cfg.variants:
+            ccfg = SparseCoderConfig(activation=VARIANTS[variant], k=cfg.k, expansion_factor=cfg.expansion_factor,
+                                     num_latents=cfg.num_latents, transcode=cfg.transcode,
+                                     skip_connection=cfg.skip_connection,
+                                     normalize_decoder=not cfg.transcode)
+            if ccfg.k > ccfg.latents(d_model):
+                raise ValueError(f"k={ccfg.k} is larger than the number of latents ({ccfg.latents(d_model)})")
+            self.coders[variant] = {}
+            for hook in self.hookpoints:
+                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                    torch.manual_seed(cfg.init_seed)
+                    coder = SparseCoder(d_model, ccfg, device=self.device, backend=cfg.backend)
+                if self.world > 1:  # every rank starts from rank 0's initialisation
+                    for t in coder.state_dict().values():
+                        dist.broadcast(t, 0)
+                key = f"{variant}/{hook}"
+                self.coders[variant][hook] = coder
+                self.optimizers[key] = make_optimizer(cfg, coder, self.total_steps)
+                self.lrs[key] = self.optimizers[key][2]
+        self.step, self.tokens_seen = 0, 0
+        M = next(iter(next(iter(self.coders.values())).values())).num_latents
+        self.since_fired = {key: torch.zeros(M, dtype=torch.long, device=self.device) for key in self.optimizers}
+        if cfg.resume:
+            self._load_state()
+        for opt, _, _ in self.optimizers.values():
+            if hasattr(opt, "train"):
+                opt.train()  # schedule-free: from the averaged weights to the ones gradients are taken at
+        self._stop = False
+        self._wandb = None
+        self._saved_step = self.step if cfg.resume else None
+
+    @property
+    def _all_coders(self):
+        for variant, hooks in self.coders.items():
+            for hook, coder in hooks.items():
+                yield f"{variant}/{hook}", coder
+
+    def _width(self) -> int:
+        probe = self.chunks[:1, : min(8, self.chunks.shape[1])].to(self.device)
+        with lm_mod.capture(self.model, self.hookpoints[-1:]) as store:
+            lm_mod.run_to_hooks(self.model, probe)
+        inp, out = store[self.hookpoints[-1]]
+        if inp.shape[1] != out.shape[1]:
+            raise ValueError(f"hookpoint {self.hookpoints[-1]} maps width {inp.shape[1]} to {out.shape[1]}")
+        return inp.shape[1]
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "trainer_state.pt"
+
+    def save(self) -> None:
+        """Write every coder's checkpoint and the resume state (rank 0 only; every rank must call it)."""
+        for opt, _, _ in self.optimizers.values():
+            if hasattr(opt, "eval"):
+                opt.eval()  # schedule-free: save the averaged weights
+        try:
+            if self.rank == 0:
+                for key, coder in self._all_coders:
+                    coder.save_to_disk(self.run_dir / key)
+                state = {"step": self.step, "tokens_seen": self.tokens_seen, "config": asdict(self.cfg),
+                         "world_size": self.world,
+                         "coders": {key: coder.state_dict() for key, coder in self._all_coders},
+                         "optimizers": {k: o.state_dict() for k, (o, _, _) in self.optimizers.items()},
+                         "schedulers": {k: s.state_dict() for k, (_, s, _) in self.optimizers.items() if s is not None},
+                         "since_fired": self.since_fired}
+                _atomic_torch_save(state, self.state_path)
+            self._saved_step = self.step
+        finally:
+            for opt, _, _ in self.optimizers.values():
+                if hasattr(opt, "train"):
+                    opt.train()
+            if self.world > 1:
+                dist.barrier()
+
+    def _load_state(self) -> None:
+        if not self.state_path.is_file():
+            raise FileNotFoundError(f"resume: no saved run at {self.state_path}")
+        state = torch.load(self.state_path, map_location=self.device, weights_only=False)
+        missing = sorted(set(self.optimizers) ^ set(state["coders"]))
+        if missing:
+            raise ValueError(f"resume: the saved run at {self.run_dir} has coders {sorted(state['coders'])}, "
+                             f"this configuration {sorted(self.optimizers)}")
+        if state.get("world_size", 1) != self.world:
+            raise ValueError(f"resume: the run was saved with {state['world_size']} ranks, now {self.world}; "
+                             "its data order depends on the rank count")
+        for key, coder in self._all_coders:
+            coder.load_state_dict(state["coders"][key])
+            opt, sched, _ = self.optimizers[key]
+            opt.load_state_dict(state["optimizers"][key])
+            if sched is not None:
+                sched.load_state_dict(state["schedulers"][key])
+        self.since_fired = {k: v.to(self.device) for k, v in state["since_fired"].items()}
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.log(f"resumed {self.run_dir} at step {self.step} ({self.tokens_seen} tokens)")
+
+    # -- training -----------------------------------------------------------------------------------
+
+    def _request_stop(self, signum, frame):
+        self.log(f"signal {signum}: saving and stopping after this step")
+        self._stop = True
+
+    def _activations(self, batch):
+        with lm_mod.capture(self.model, self.hookpoints) as store:
+            lm_mod.run_to_hooks(self.model, batch)
+        keep = None
+        if self.cfg.exclude_tokens:
+            keep = ~torch.isin(batch.reshape(-1), torch.tensor(self.cfg.exclude_tokens, device=batch.device))
+        acts = {}
+        for hook, (inp, out) in store.items():
+            x, y = (inp, out) if self.cfg.transcode else (out, out)
+            if keep is not None:
+                x, y = x[keep], y[keep]
+            acts[hook] = (x.float(), y.float())
+        return acts
+
+    def _batch(self, micro: int) -> torch.Tensor:
+        """This rank's sequences for the current step and micro-step: a fixed order, so the data
+        position of a resumed run follows from its step."""
+        cfg = self.cfg
+        per_step = cfg.batch_size * self.world
+        start = ((self.step * cfg.grad_acc_steps + micro) * per_step + self.rank * cfg.batch_size)
+        idx = torch.arange(start, start + cfg.batch_size) % self.chunks.shape[0]  # epochs wrap around
+        return self.chunks[idx]
+
+    def _open_wandb(self):
+        if not (self.cfg.log_to_wandb and self.rank == 0):
+            return None
+        try:
+            import wandb  # optional: imported only when asked for
+        except ImportError as exc:
+            raise ImportError("--log_to_wandb needs `pip install wandb`") from exc
+        # WANDB_PROJECT / WANDB_ENTITY are honoured by wandb itself.
+        return wandb.init(name=self.cfg.run_name, config=asdict(self.cfg), resume="allow")
+
+    def train(self) -> Path:
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        for key, lr in self.lrs.items():
+            self.log(f"{key}: optimizer {self.cfg.optimizer} "
+                     f"({'schedule-free sign-SGD, momentum 0.95' if self.cfg.optimizer == 'signum' else 'Adam'}), "
+                     f"lr {lr:.3g}")
+        self.log(f"model {self.model_label}; {self.total_steps} steps of {self.tokens_per_step} tokens"
+                 f"{f' over {self.world} ranks' if self.world > 1 else ''}; run dir {self.run_dir}")
+        old = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
+        self._wandb = self._open_wandb()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0)
+        t0, tokens0, logged = time.perf_counter(), self.tokens_seen, 0
+        try:
+            while self.step < self.total_steps and not self._stop_requested():
+                record = self._train_step(autocast)
+                self.step += 1
+                bar.update(1)
+                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                    rate = (self.tokens_seen - tokens0) / max(time.perf_counter() - t0, 1e-9)
+                    record.update(step=self.step, tokens=self.tokens_seen, tokens_per_sec=rate)
+                    if metrics is not None:
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                    if self._wandb is not None and logged % self.cfg.wandb_log_frequency == 0:
+                        self._wandb.log(record, step=self.step)
+                    logged += 1
+                    fvus = [v for k, v in record.items() if k.startswith("fvu/")]
+                    bar.set_postfix(tok_s=f"{rate:.0f}", fvu=f"{sum(fvus) / len(fvus):.3f}",
+                                    l0=f"{max(v for k, v in record.items() if k.startswith('l0/')):.1f}",
+                                    dead=f"{max(v for k, v in record.items() if k.startswith('dead_pct/')):.2f}")
+                if self.step % self.cfg.save_every == 0:
+                    self.save()
+            if self._saved_step != self.step:
+                self.save()
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+            for s, handler in old.items():
+                signal.signal(s, handler)
+        return self.run_dir
+
+    def _stop_requested(self) -> bool:
+        """A signal on any rank stops every rank after the same step."""
+        if self.world == 1:
+            return self._stop
+        flag = torch.tensor([float(self._stop)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _train_step(self, autocast) -> dict:
+        cfg = self.cfg
+        record: dict = {}
+        fired = {key: torch.zeros_like(c, dtype=torch.bool) for key, c in self.since_fired.items()}
+        n_tokens = 0
+        for micro in range(cfg.grad_acc_steps):
+            acts = self._activations(self._batch(micro).to(self.device))
+            micro_tokens = next(iter(acts.values()))[0].shape[0]
+            n_tokens += micro_tokens
+            for variant, hooks in self.coders.items():
+                for hook, coder in hooks.items():
+                    key = f"{variant}/{hook}"
+                    x, y = acts[hook]
+                    if self.step == 0 and micro == 0:
+                        coder.init_from_batch(x, y)
+                        if self.world > 1:  # the mean of rank 0's first batch on every rank
+                            for t in coder.state_dict().values():
+                                dist.broadcast(t, 0)
+                    dead = self.since_fired[key] >= cfg.dead_feature_threshold
+                    with autocast:
+                        out = coder(x, y if cfg.transcode else None, dead_mask=dead, auxk_alpha=cfg.auxk_alpha)
+                    loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
+                    (loss / cfg.grad_acc_steps).backward()
+                    # a latent fires when its act is nonzero (binary: 1, not merely selected)
+                    fired[key][out.latent_indices[out.latent_acts.detach() != 0]] = True
+                    for name, value in ((f"fvu/{key}", out.fvu.item()),
+                                        (f"l0/{key}", float((out.latent_acts != 0).sum(1).float().mean())),
+                                        (f"auxk/{key}", out.auxk_loss.item() if cfg.auxk_alpha else None)):
+                        if value is not None:
+                            record[name] = record.get(name, 0.0) + value / cfg.grad_acc_steps
+                    record[f"dead_pct/{key}"] = float(dead.float().mean())
+        if self.world > 1:
+            n_tokens = self._all_reduce_step(fired, record, n_tokens)
+        self.tokens_seen += n_tokens
+        for key, was_fired in fired.items():
+            self.since_fired[key] += n_tokens
+            self.since_fired[key][was_fired] = 0
+            record[f"explained_variance/{key}"] = 1 - record[f"fvu/{key}"]
+        for key, coder in self._all_coders:
+            opt, sched, _ = self.optimizers[key]
+            if not cfg.transcode:
+                coder.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if sched is not None:
+                sched.step()
+                record[f"lr/{key}"] = sched.get_last_lr()[0]
+            if not cfg.transcode:
+                coder.set_decoder_norm_to_unit_norm()
+        return record
+
+    def _all_reduce_step(self, fired: dict, record: dict, n_tokens: int) -> int:
+        """Average gradients and metrics over ranks, combine firings; returns the tokens of all ranks.
+        The same collectives in the same order on every rank."""
+        for key, coder in self._all_coders:
+            grads = [p.grad for p in coder.parameters() if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.world
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            mask = fired[key].to(torch.uint8)
+            dist.all_reduce(mask, op=dist.ReduceOp.MAX)
+            fired[key] = mask.bool()
+        names = sorted(record)
+        values = torch.tensor([record[n] for n in names] + [float(n_tokens)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        for i, name in enumerate(names):
+            record[name] = values[i].item() / self.world
+        return int(values[-1].item())
