@@ -57,6 +57,9 @@ def test_load_eval_tokens_keeps_only_the_trainers_held_out_chunks(tmp_path):
     assert tokens.shape[0] == held.shape[0] >= 2
     as_set = lambda t: {tuple(r) for r in t.tolist()}
     assert as_set(tokens) == as_set(held)
+    few = _lm.load_eval_tokens(tok, dataset=str(tmp_path / "t.txt"), split="train", text_column="text", ctx_len=8,
+                               n_tokens=3 * 8, seed=0)  # tokenises only a prefix: the first 3 held-out chunks
+    assert as_set(few) == as_set(held[:3]) and few.shape == (3, 8)
     all_chunks = _lm.load_eval_tokens(tok, dataset=str(tmp_path / "t.txt"), split="train", text_column="text",
                                       ctx_len=8, n_tokens=10_000, seed=0, all_chunks=True)
     assert all_chunks.shape[0] == train.shape[0] + held.shape[0]

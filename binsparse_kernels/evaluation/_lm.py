@@ -169,9 +169,13 @@ def load_eval_tokens(tokenizer, *, dataset: Optional[str], split: str, text_colu
         tokens = torch.as_tensor(getter(tokenizer, ctx_len=ctx_len, n_sequences=n_seq, seed=seed), dtype=torch.int64)
     else:
         ctx_len = min(ctx_len, getattr(tokenizer, "model_max_length", ctx_len) or ctx_len)  # as the trainer does
-        tokens = chunk_tokens(tokenizer, _read_texts(dataset, split, text_column), ctx_len)
+        every = held_out_every()
+        # Chunks are a prefix-stable cut of the token stream, so tokenising only as far as needed
+        # gives the same held-out chunks as the trainer's full pass.
+        tokens = chunk_tokens(tokenizer, _read_texts(dataset, split, text_column), ctx_len,
+                              max_sequences=None if all_chunks else n_seq * every)
         if not all_chunks:
-            tokens = tokens[torch.arange(tokens.shape[0]) % held_out_every() == 0]
+            tokens = tokens[torch.arange(tokens.shape[0]) % every == 0]
         g = torch.Generator().manual_seed(seed)
         tokens = tokens[torch.randperm(tokens.shape[0], generator=g)[:n_seq]]
     if tokens.shape[0] < 2:
