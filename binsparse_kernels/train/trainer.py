@@ -47,7 +47,9 @@ class TrainConfig:
     model: Optional[str] = None  # None: the offline SmolLM2-135M GGUF
     dataset: Optional[str] = None  # None: the built-in offline corpus
     hookpoints: list[str] = field(default_factory=lambda: ["layers.9.mlp"])
-    variants: list[str] = field(default_factory=lambda: ["binary", "topk"])
+    # The paper's binary and TopK skip transcoders, and the hybrid (half the latents and half of k
+    # binary) that asks whether mixing the two wins back reconstruction.
+    variants: list[str] = field(default_factory=lambda: ["binary", "topk", "hybrid"])
     transcode: bool = True
     skip_connection: bool = True
     k: int = 32
