@@ -223,6 +223,10 @@ def test_data_defaults_come_from_the_runs_training_config(tmp_path):
     data_defaults(args, checkpoints, log=logs.append)
     assert args.dataset == "other.txt" and args.ctx_len == 128
     assert any("overlap" in m for m in logs)  # a different ctx_len re-chunks the text: held-out is not held out
+    (tmp_path / "bad" / "binary" / "h").mkdir(parents=True)
+    (tmp_path / "bad" / "trainer_state.pt").write_bytes(b"not a torch file")
+    with pytest.warns(UserWarning, match="could not read the training config"):
+        data_defaults(argparse.Namespace(**blank), {"binary": {"h": tmp_path / "bad" / "binary" / "h"}}, log=print)
     args = argparse.Namespace(**blank)  # no trainer_state.pt: built-in corpus, the trainer's default ctx_len
     data_defaults(args, {"binary": {"h": tmp_path / "x" / "binary" / "h"}}, log=lambda m: None)
     assert (args.model, args.dataset, args.split, args.text_column, args.ctx_len) == (None, None, "train", "text", 256)

@@ -192,7 +192,11 @@ def read_run_config(run_dir) -> Optional[dict]:
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001  (an older or foreign file: no defaults from it)
+    except Exception as exc:  # noqa: BLE001  (an older or foreign file: no defaults from it)
+        import warnings
+
+        warnings.warn(f"could not read the training config in {path} ({type(exc).__name__}: {exc}); the "
+                      f"evaluation falls back to the default model, data and ctx_len unless they are given")
         return None
     cfg = state.get("config") if isinstance(state, dict) else None
     return cfg if isinstance(cfg, dict) else None
