@@ -275,7 +275,7 @@ class _Buckets:
         flat = indices.reshape(-1)
         NK = flat.numel()
         # int32 keys: half the radix passes of int64 (the latents fit; validated by ops.py)
-        keys, self.perm = torch.sort(flat.to(torch.int32) if M < 2**31 else flat, stable=True)
+        keys, self.perm = torch.sort(flat.to(torch.int32) if M < 2**31 - 1 else flat, stable=True)
         self.offsets = torch.searchsorted(keys, torch.arange(M + 1, device=dev, dtype=keys.dtype))
         counts = self.offsets[1:] - self.offsets[:-1]
         self.nseg = torch.clamp((counts + seg - 1) // seg, min=1)
@@ -387,7 +387,7 @@ def encode_backward(grad_acts, grad_values, values, x, W_enc, indices, mode: int
                                                    values.contiguous(), grad_z, NK, float(temperature),
                                                    MODE=int(mode), BLOCK=BLOCK)
         if need_x:
-            grad_x = torch.zeros(N, d, dtype=torch.float32, device=dev)
+            grad_x = torch.empty(N, d, dtype=torch.float32, device=dev)  # every element written
             _gather(indices, grad_z, W_enc.contiguous(), None, grad_x, _round_code(x.dtype), False)
         if need_W or need_b:
             b = _Buckets(indices, M, SEGMENT)
