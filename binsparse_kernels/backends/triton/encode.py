@@ -239,18 +239,28 @@ def _kp(k: int) -> int:
 
 
 def _config(dtype: torch.dtype, kp: int) -> Config:
-    """Block sizes for H100/H200-class GPUs: a guess from register budgets, not tuned.
+    """Block sizes for H100/H200-class GPUs: chosen from compile-time facts, not from timings.
 
     Per tile the program sorts ``BLOCK_N x BLOCK_M`` int64 keys down to ``KP`` per row and merges them
-    with its running ``BLOCK_N x KP`` list, all in registers next to the fp32 accumulator; the fully
-    unrolled sorting networks grow with the tile (64 x 128 tiles gave ~1 MB cubins that took minutes
-    to compile), so the tiles stay small: 32 x 64 up to KP = 64, 16 x 128 for KP = 128 (BLOCK_M >= KP).
-    fp32 inputs halve BLOCK_K (twice the bytes per element; fp32 FMAs, never TF32).
+    with its running ``BLOCK_N x KP`` list, all in registers next to the fp32 accumulator, in fully
+    unrolled sorting networks. Chosen so that ptxas (sm_90a, bf16) reports no spills, with BLOCK_N >= 64
+    where possible (wgmma needs 64-row tiles; fewer rows per W tile means more L2 traffic per FLOP):
+    KP <= 32: 128 x 64 (246 registers); KP = 64: 64 x 64 (255); KP = 128: 32 x 128 (237). 8 warps.
+    (64 x 128 tiles at 4 warps gave ~1 MB cubins and minutes of compile; 16 x 128 at KP = 128 spilled.)
+    fp32 inputs (fp32 FMAs, never TF32; not the speed target) take half the rows and half BLOCK_K,
+    which keeps them spill-free too.
     """
-    bk = 32 if dtype == torch.float32 else 64
-    if kp <= 64:
-        return Config(32, 64, bk, 4, 3)
-    return Config(16, 128, bk, 4, 3)
+    if dtype == torch.float32:
+        if kp <= 32:
+            return Config(64, 64, 32, 8, 3)
+        if kp == 64:
+            return Config(32, 64, 32, 8, 3)
+        return Config(32, 128, 32, 8, 3)
+    if kp <= 32:
+        return Config(128, 64, 64, 8, 3)
+    if kp == 64:
+        return Config(64, 64, 64, 8, 3)
+    return Config(32, 128, 64, 8, 3)
 
 
 def _n_sms(device: torch.device) -> int:
