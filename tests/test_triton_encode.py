@@ -276,6 +276,17 @@ def test_empty_rows():
     assert values.shape == (0, 4) and indices.shape == (0, 4)
 
 
+@pytest.mark.parametrize("N,M", [(1, 100_000), (70, 300), (16384, 36864), (16384, 131072), (5, 3)], ids=str)
+def test_chunking_covers_every_tile_once(N, M):
+    for kp in (16, 32, 64, 128):
+        cfg = enc._config(torch.bfloat16, kp)
+        per_chunk, n_chunks = enc._n_chunks(N, M, cfg.BLOCK_N, cfg.BLOCK_M, torch.device("cpu"))
+        tiles = -(-M // cfg.BLOCK_M)
+        assert per_chunk >= 1 and n_chunks >= 1
+        assert (n_chunks - 1) * per_chunk < tiles <= n_chunks * per_chunk  # no empty chunk, none missing
+        assert cfg.BLOCK_M >= kp
+
+
 def test_key_encoding_round_trips_and_orders():
     s = torch.tensor([[-math.inf, -3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, math.inf, math.nan, -math.nan]])
     keys = enc._torch_keys(s, 7)
@@ -397,6 +408,21 @@ def test_gpu_exact_scores_select_exactly(k, dtype):
     values, indices = run(p, k, True)
     ev, ei = expected_exact(p, k, True)
     assert torch.equal(indices, ei) and torch.equal(values, ev)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [32, 128])
+def test_gpu_extra_memory_is_o_n_k_not_o_n_m(k):
+    N, d, M = 4096, 64, 200_000
+    x, W, b, theta = (t.to(DEV) for t in (torch.randn(N, d).bfloat16(), torch.randn(M, d).bfloat16(),
+                                          torch.zeros(M), torch.full((M,), 0.01)))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    enc.encode_forward(x, W, b, theta, k, True)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < N * M * 2 / 20, f"{extra / 2**20:.1f} MB: close to an N x M buffer"
 
 
 @pytest.mark.gpu
