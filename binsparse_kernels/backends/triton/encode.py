@@ -8,12 +8,14 @@ Design (an exact split-M partial top-k, kernel-design-notes §10.3 and §10.7):
    ``BLOCK_K`` steps (tensor cores for bf16/fp16, fp32 FMAs for fp32 with ``input_precision="ieee"``,
    never TF32), accumulated in fp32. The epilogue adds ``b_enc`` and subtracts theta (binary) or
    applies ReLU (continuous), turns every score into an int64 *key* (below) and folds the tile into a
-   running per-row top-``KP`` list held in registers: ``tl.topk`` of the tile (when the tile is wider
-   than ``KP``), then ``tl.topk`` of the running list joined with it. The chunk's list (``KP`` keys per
-   row) goes to a scratch buffer of ``N * n_chunks * KP`` int64: O(N*k), never O(N*M).
+   running per-row top-``KP`` list held in registers: ``tl.topk`` cuts the tile to its top ``KP``
+   (descending), and the element-wise max of that and the running list (kept ascending) is bitonic and
+   holds the top ``KP`` of both, so one ``tl.bitonic_merge`` (log2 KP layers) restores the running list.
+   The chunk's list (``KP`` keys per row, ascending) goes to a scratch buffer of ``N * n_chunks * KP``
+   int64: O(N*k), never O(N*M).
 2. ``_merge_kernel``: one program per block of rows folds the ``n_chunks`` partial lists the same way
-   (running top-``KP`` of the running list joined with the next chunk's list), decodes the keys and
-   writes the first ``k`` values (float32) and indices (int64). A Triton kernel rather than
+   (each next list read back to front, i.e. descending), decodes the keys and writes the largest ``k``
+   values (float32) and indices (int64), largest first. A Triton kernel rather than
    ``torch.topk`` over the scratch buffer: one launch instead of topk + decode + slicing, and the same
    key semantics as the first pass by construction.
 
@@ -133,10 +135,23 @@ def _topk_desc(x, LOG_R: tl.constexpr, LOG_C: tl.constexpr, LOG_K: tl.constexpr,
 
 
 @triton.jit
-def _fold(running, new, LOG_R: tl.constexpr, LOG_KP: tl.constexpr, TL_TOPK: tl.constexpr):
-    """Top-KP (descending) of the union of two [R, KP] key lists."""
-    both = tl.reshape(tl.join(running, new), (2**LOG_R, 2 * 2**LOG_KP))
-    return _topk_desc(both, LOG_R, LOG_KP + 1, LOG_KP, TL_TOPK)
+def _fold(running, top, LOG_R: tl.constexpr, LOG_KP: tl.constexpr, TL_TOPK: tl.constexpr):
+    """Merge an ascending [R, KP] list with a descending one: the top KP of both, ascending.
+
+    The element-wise max of an ascending and a descending sequence holds the top KP of their union
+    and is bitonic, so one bitonic merge (log2 KP compare-exchange layers) sorts it, instead of a
+    top-k over the 2 * KP keys of both lists.
+    """
+    h = tl.maximum(running, top)
+    if TL_TOPK:
+        return tl.bitonic_merge(h, descending=False)
+    else:
+        R: tl.constexpr = 2**LOG_R
+        for i in tl.static_range(LOG_KP):  # column bit LOG_KP - 1 - i
+            v = tl.permute(tl.reshape(h, [R, 2**i, 2, 2**(LOG_KP - 1 - i)]), (0, 1, 3, 2))
+            a, b = tl.split(v)
+            h = tl.reshape(tl.permute(tl.join(tl.minimum(a, b), tl.maximum(a, b)), (0, 1, 3, 2)), [R, 2**LOG_KP])
+        return h
 
 
 @triton.jit(do_not_specialize=["binary"])
@@ -180,9 +195,8 @@ def _encode_partial_kernel(
             s = tl.where(s <= 0.0, 0.0, s)  # ReLU that keeps NaN (NaN <= 0 is false)
         keys = _scores_to_keys(s, lat[None, :])
         keys = tl.where(lat_ok[None, :], keys, _SENTINEL)
-        if BLOCK_M > KP:
-            keys = _topk_desc(keys, LOG_BN, LOG_BM, LOG_KP, TL_TOPK)
-        running = _fold(running, keys, LOG_BN, LOG_KP, TL_TOPK)
+        top = _topk_desc(keys, LOG_BN, LOG_BM, LOG_KP, TL_TOPK)  # the tile's top KP, descending
+        running = _fold(running, top, LOG_BN, LOG_KP, TL_TOPK)  # the chunk's top KP so far, ascending
 
     slots = tl.arange(0, KP)
     out = keys_ptr + (rows.to(tl.int64)[:, None] * n_chunks + pid_c) * KP + slots[None, :]
@@ -199,14 +213,16 @@ def _merge_kernel(
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     slots = tl.arange(0, KP)
-    base = keys_ptr + rows.to(tl.int64)[:, None] * n_chunks * KP + slots[None, :]
-    running = tl.load(base, mask=row_ok[:, None], other=_SENTINEL)
+    rank = KP - 1 - slots  # the lists are ascending: slot KP - 1 holds the largest key
+    base = keys_ptr + rows.to(tl.int64)[:, None] * n_chunks * KP
+    running = tl.load(base + slots[None, :], mask=row_ok[:, None], other=_SENTINEL)
     for c in range(1, n_chunks):
-        part = tl.load(base + c * KP, mask=row_ok[:, None], other=_SENTINEL)
+        # chunk c's list read back to front, i.e. descending, as _fold wants it
+        part = tl.load(base + c * KP + rank[None, :], mask=row_ok[:, None], other=_SENTINEL)
         running = _fold(running, part, LOG_BN, LOG_KP, TL_TOPK)
     values, idx = _keys_to_scores(running)
-    out = rows.to(tl.int64)[:, None] * k + slots[None, :]
-    ok = row_ok[:, None] & (slots[None, :] < k)
+    out = rows.to(tl.int64)[:, None] * k + rank[None, :]
+    ok = row_ok[:, None] & (rank[None, :] < k)
     tl.store(values_ptr + out, values, mask=ok)
     tl.store(indices_ptr + out, idx, mask=ok)
 
