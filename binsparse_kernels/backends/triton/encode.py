@@ -63,8 +63,9 @@ _SENTINEL = tl.constexpr(-(2**63 - 1))  # below every real key (the lowest is ab
 def _scores_to_keys(s, idx):
     """float32 scores [R, C] and int32 latent indices [C] (or [R, C]) -> int64 keys [R, C]."""
     bits = s.to(tl.int32, bitcast=True)
-    bits = tl.where(s == 0.0, 0, bits)  # -0.0 ties with +0.0
-    bits = tl.where(s != s, 2147483647, bits)  # every NaN -> one class above +inf
+    magnitude = bits & 2147483647  # integer tests: nothing a float fast-math rewrite could fold away
+    bits = tl.where(magnitude == 0, 0, bits)  # -0.0 ties with +0.0
+    bits = tl.where(magnitude > 2139095040, 2147483647, bits)  # every NaN -> one class above +inf
     ordered = tl.where(bits < 0, bits ^ 2147483647, bits).to(tl.int64)
     # low 32 bits: ~idx as an unsigned 32-bit number (= 2**32 - 1 - idx), zero-extended
     low = (idx.to(tl.int32) ^ -1).to(tl.uint32, bitcast=True).to(tl.int64)
