@@ -64,7 +64,7 @@ class TrainConfig:
     auxk_alpha: float = 0.0
     dead_feature_threshold: int = 10_000_000
     exclude_tokens: list[int] = field(default_factory=list)
-    max_tokens: int = 1_000_000
+    max_tokens: int = 600_000  # ~10 min on 2 CPU cores for three coders plus the report; raise it on a GPU
     save_dir: str = "runs"
     run_name: str = "default"
     save_every: int = 500
