@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 
 import torch
@@ -39,27 +38,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _cuda_timing import DTYPES, time_ms  # noqa: E402  (this folder)
+
 import binsparse_kernels as bk  # noqa: E402
 from binsparse_kernels.backends import reference  # noqa: E402
 from binsparse_kernels.backends.triton import sparse  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHUNK = 4096  # tokens per chunk of the index_add baseline's [chunk*k, d] products
-
-
-def time_ms(fn, repeats: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return {"median_ms": statistics.median(times), "min_ms": min(times)}
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
