@@ -24,7 +24,6 @@ import math
 import os
 import re
 import signal
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch.distributed as dist
 from schedulefree import ScheduleFreeWrapper
 from tqdm.auto import tqdm
 
+from .._io import atomic_write
 from ..coder import SparseCoder, SparseCoderConfig
 from . import data as data_mod
 from . import lm as lm_mod
@@ -136,17 +136,7 @@ def make_optimizer(cfg: TrainConfig, coder: SparseCoder, total_steps: int):
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _init_distributed() -> tuple[int, int]:
