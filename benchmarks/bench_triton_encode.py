@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _cuda_timing import DTYPES, time_ms  # noqa: E402  (this folder)
+from _gpu_common import DTYPES, time_ms  # noqa: E402  (this folder)
 
 from binsparse_kernels import backends  # noqa: E402
 from binsparse_kernels.backends.triton import encode as tenc  # noqa: E402

@@ -38,13 +38,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _cuda_timing import DTYPES, time_ms  # noqa: E402  (this folder)
+from _gpu_common import DTYPES, index_add_backward, time_ms  # noqa: E402  (this folder)
 
 import binsparse_kernels as bk  # noqa: E402
 from binsparse_kernels.backends import reference  # noqa: E402
 from binsparse_kernels.backends.triton import sparse  # noqa: E402
-
-CHUNK = 4096  # tokens per chunk of the index_add baseline's [chunk*k, d] products
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -62,24 +60,6 @@ def make_codes(N, M, k, hot: float, g):
         indices[rows, 0] = 7
         indices[~rows & (indices[:, 0] == 7), 0] = 8
     return indices
-
-
-def index_add_backward(grad_y, x, indices, acts, grad_z, W_dec_c, M):
-    """The reference trainer's sparse backward (gather-dot + index_add_ of [N*k, d] products)."""
-    N, k = indices.shape
-    d = grad_y.shape[1]
-    grad_W_dec = torch.zeros(M, d, device="cuda")
-    grad_W_enc = torch.zeros(M, x.shape[1], device="cuda")
-    grad_acts = torch.empty(N, k, device="cuda")
-    for s in range(0, N, CHUNK):
-        e = min(N, s + CHUNK)
-        idx, g = indices[s:e], grad_y[s:e]
-        grad_acts[s:e] = torch.einsum("nkd,nd->nk", W_dec_c[idx].float(), g.float())
-        rows = (acts[s:e, :, None].float() * g[:, None, :].float()).reshape(-1, d)
-        grad_W_dec.index_add_(0, idx.reshape(-1), rows)
-        rows = (grad_z[s:e, :, None] * x[s:e, None, :].float()).reshape(-1, x.shape[1])
-        grad_W_enc.index_add_(0, idx.reshape(-1), rows)
-    return grad_acts, grad_W_dec, grad_W_enc
 
 
 def check(N, d, M, k, dtype, indices, acts, W_dec, x, W_enc, grad_y, values, g):
