@@ -102,3 +102,25 @@ def device_for(backend):
 
 
 STES = [s for s in STE_MODES if s != "relu"]
+
+
+def encode(p, k, backend, *, binary=True, ste="sigmoid", temperature=2.0):
+    if binary:
+        return bk.topk_binary_encode(p["x"], p["W_enc"], p["b_enc"], p["log_threshold"], k, ste=ste,
+                                     temperature=temperature, backend=backend)
+    return bk.topk_encode(p["x"], p["W_enc"], p["b_enc"], k, backend=backend)
+
+
+def coder_grads(p, k, backend, *, binary, ste="sigmoid", temperature=2.0, with_b_dec=True, upstream):
+    """Gradients of every input of encode + decode, under a loss that also weighs acts and values
+    per (token, latent) so the slot order of each backend does not matter."""
+    leaves = {name: t.detach().clone().requires_grad_(True) for name, t in p.items()}
+    out = encode(leaves, k, backend, binary=binary, ste=ste, temperature=temperature)
+    y = bk.sparse_decode(out.indices, out.acts, leaves["W_dec"], leaves["b_dec"] if with_b_dec else None,
+                         binary=binary, backend=backend)
+    G_acts, G_values, G_y = upstream
+    loss = ((y.float() * G_y).sum() + (out.acts.float() * G_acts.gather(1, out.indices)).sum()
+            + (out.values.float() * G_values.gather(1, out.indices)).sum())
+    names = [n for n in leaves if (binary or n != "log_threshold") and (with_b_dec or n != "b_dec")]
+    grads = torch.autograd.grad(loss, [leaves[n] for n in names])
+    return out, dict(zip(names, grads))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import binsparse_kernels as bk
+from helpers import coder_grads, encode
 
 if "cpu" not in bk.available_backends():
     pytest.skip("the CPU extension binsparse_kernels._C is not built", allow_module_level=True)
@@ -54,13 +55,6 @@ def scores(p, binary):
     return pre - p["log_threshold"].float().exp() if binary else torch.relu(pre)
 
 
-def encode(p, k, backend, *, binary=True, ste="sigmoid", temperature=2.0):
-    if binary:
-        return bk.topk_binary_encode(p["x"], p["W_enc"], p["b_enc"], p["log_threshold"], k, ste=ste,
-                                     temperature=temperature, backend=backend)
-    return bk.topk_encode(p["x"], p["W_enc"], p["b_enc"], k, backend=backend)
-
-
 def assert_same_selection(z, ref, got, k, tol):
     """Same top-k as the reference: equal sorted values per row, and equal index sets on every row
     whose k-th and (k+1)-th scores are not (near) tied."""
@@ -74,21 +68,6 @@ def assert_same_selection(z, ref, got, k, tol):
     else:
         clear = torch.ones(z.shape[0], dtype=torch.bool)
     assert torch.equal(ids[clear], ref.indices.sort(1).values[clear])
-
-
-def coder_grads(p, k, backend, *, binary, ste="sigmoid", temperature=2.0, with_b_dec=True, upstream):
-    """Gradients of every input of encode + decode, under a loss that also weighs acts and values
-    per (token, latent) so the slot order of each backend does not matter."""
-    leaves = {name: t.detach().clone().requires_grad_(True) for name, t in p.items()}
-    out = encode(leaves, k, backend, binary=binary, ste=ste, temperature=temperature)
-    y = bk.sparse_decode(out.indices, out.acts, leaves["W_dec"], leaves["b_dec"] if with_b_dec else None,
-                         binary=binary, backend=backend)
-    G_acts, G_values, G_y = upstream
-    loss = ((y.float() * G_y).sum() + (out.acts.float() * G_acts.gather(1, out.indices)).sum()
-            + (out.values.float() * G_values.gather(1, out.indices)).sum())
-    names = [n for n in leaves if (binary or n != "log_threshold") and (with_b_dec or n != "b_dec")]
-    grads = torch.autograd.grad(loss, [leaves[n] for n in names])
-    return out, dict(zip(names, grads))
 
 
 # ---------------------------------------------------------------------------------------------

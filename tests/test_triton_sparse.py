@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import binsparse_kernels as bk
+from helpers import coder_grads
 from binsparse_kernels.backends import reference
 
 pytest.importorskip("triton")
@@ -261,23 +262,6 @@ def params(N, d_in, M, d_out, *, x_dtype=torch.float32, threshold=0.6):
         "W_dec": torch.randn(M, d_out, device=DEV) / math.sqrt(d_out),
         "b_dec": torch.randn(d_out, device=DEV) * 0.1,
     }
-
-
-def coder_grads(p, k, backend, *, binary, ste, temperature, with_b_dec, upstream):
-    leaves = {name: t.detach().clone().requires_grad_(True) for name, t in p.items()}
-    if binary:
-        out = bk.topk_binary_encode(leaves["x"], leaves["W_enc"], leaves["b_enc"], leaves["log_threshold"], k,
-                                    ste=ste, temperature=temperature, backend=backend)
-    else:
-        out = bk.topk_encode(leaves["x"], leaves["W_enc"], leaves["b_enc"], k, backend=backend)
-    y = bk.sparse_decode(out.indices, out.acts, leaves["W_dec"], leaves["b_dec"] if with_b_dec else None,
-                         binary=binary, backend=backend)
-    G_acts, G_values, G_y = upstream
-    loss = ((y.float() * G_y).sum() + (out.acts.float() * G_acts.gather(1, out.indices)).sum()
-            + (out.values.float() * G_values.gather(1, out.indices)).sum())
-    names = [n for n in leaves if (binary or n != "log_threshold") and (with_b_dec or n != "b_dec")]
-    grads = torch.autograd.grad(loss, [leaves[n] for n in names])
-    return out, dict(zip(names, grads))
 
 
 E2E_CASES = [(True, "sigmoid", 2.0, True), (True, "rectangle", 0.3, True), (True, "identity", 1.0, False),
