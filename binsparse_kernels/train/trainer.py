@@ -205,9 +205,6 @@ class Trainer:
                 with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                     torch.manual_seed(cfg.init_seed)
                     coder = SparseCoder(d_model, ccfg, device=self.device, backend=cfg.backend)
-                if self.world > 1:  # every rank starts from rank 0's initialisation
-                    for t in coder.state_dict().values():
-                        dist.broadcast(t, 0)
                 key = f"{variant}/{hook}"
                 self.coders[variant][hook] = coder
                 self.optimizers[key] = make_optimizer(cfg, coder, self.total_steps)
@@ -399,7 +396,9 @@ class Trainer:
                     x, y = acts[hook]
                     if self.step == 0 and micro == 0:
                         coder.init_from_batch(x, y)
-                        if self.world > 1:  # the mean of rank 0's first batch on every rank
+                        # Ranks built the same seeded weights; rank 0's first-batch biases (and
+                        # weights, for safety) go to every rank. A resume loads one file everywhere.
+                        if self.world > 1:
                             for t in coder.state_dict().values():
                                 dist.broadcast(t, 0)
                     dead = self.since_fired[key] >= cfg.dead_feature_threshold
