@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets up ./.venv and runs the default training job: a binary and a TopK skip transcoder on
+# Sets up ./.venv and runs the default training job: binary, TopK and hybrid skip transcoders on
 # SmolLM2-135M layer 9's MLP, offline, then the comparison report. Extra arguments go to
 # `binsparse train` (e.g. --max_tokens 5000000 on a GPU).
 set -euo pipefail
