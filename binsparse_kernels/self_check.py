@@ -158,20 +158,27 @@ class _Scorer:
 def _inputs(p: Problem, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     w_dtype = dtype if p.weights_16bit else torch.float32
+
+    def randn(*shape):  # float32 on the CPU whatever the caller's default dtype and device
+        return torch.randn(*shape, generator=g, dtype=torch.float32, device="cpu")
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, dtype=torch.float32, device="cpu")
+
     return {
-        "x": torch.randn(p.N, p.d, generator=g).to(dtype),
-        "W_enc": ((torch.rand(p.M, p.d, generator=g) * 2 - 1) / math.sqrt(p.d)).to(w_dtype),
-        "b_enc": (torch.randn(p.M, generator=g) * 0.1).to(w_dtype),
-        "theta": (math.log(0.004) + torch.randn(p.M, generator=g) * 0.1).exp(),
-        "W_dec": (torch.randn(p.M, p.d_out, generator=g) / math.sqrt(p.d_out)).to(w_dtype),
-        "b_dec": (torch.randn(p.d_out, generator=g) * 0.1).to(w_dtype),
-        "grad_acts": torch.randn(p.N, p.k, generator=g),
-        "grad_values": torch.randn(p.N, p.k, generator=g),
-        "grad_y": torch.randn(p.N, p.d_out, generator=g).to(dtype),
+        "x": randn(p.N, p.d).to(dtype),
+        "W_enc": ((rand(p.M, p.d) * 2 - 1) / math.sqrt(p.d)).to(w_dtype),
+        "b_enc": (randn(p.M) * 0.1).to(w_dtype),
+        "theta": (math.log(0.004) + randn(p.M) * 0.1).exp(),
+        "W_dec": (randn(p.M, p.d_out) / math.sqrt(p.d_out)).to(w_dtype),
+        "b_dec": (randn(p.d_out) * 0.1).to(w_dtype),
+        "grad_acts": randn(p.N, p.k),
+        "grad_values": randn(p.N, p.k),
+        "grad_y": randn(p.N, p.d_out).to(dtype),
         # distinct latents per row, and codes: continuous (any sign: the kernels must not care) and 0/1
-        "indices": torch.rand(p.N, p.M, generator=g).argsort(1)[:, :p.k].contiguous(),
-        "acts": torch.randn(p.N, p.k, generator=g).to(dtype),
-        "codes": (torch.rand(p.N, p.k, generator=g) < 0.8).to(dtype),
+        "indices": rand(p.N, p.M).argsort(1)[:, :p.k].contiguous(),
+        "acts": randn(p.N, p.k).to(dtype),
+        "codes": (rand(p.N, p.k) < 0.8).to(dtype),
     }
 
 

@@ -294,3 +294,16 @@ def test_gpu_not_run_during_cuda_graph_capture(monkeypatch):
     torch.testing.assert_close(y, bk.sparse_decode(idx, acts, Wd, backend=name))
     assert len(runs) == 1
     self_check.reset()
+
+
+@pytest.mark.parametrize("name", ["reference", pytest.param("cpu", marks=needs_cpu_backend)])
+def test_the_check_ignores_the_callers_default_dtype_and_autocast(name):
+    problems = (Problem(N=5, d=16, M=40, k=4, d_out=8),)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results = self_check.check_backend(name, CPU, (torch.float32,), problems)
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(r.passed for r in results), [r.line() for r in results]
