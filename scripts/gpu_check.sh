@@ -127,7 +127,7 @@ write_summary() {
         fi
         if [ -s "$OUT/tests.log" ]; then
             echo "-- tests"
-            grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | head -n 10
+            grep -oE "(FAILED|ERROR) tests/[^ ]+" "$OUT/tests.log" | sort -u | head -n 10
             grep -E "(passed|failed|error|skipped|no tests ran).* in [0-9.]+s" "$OUT/tests.log" | tail -n 1
         fi
         if [ -s "$OUT/steps.log" ]; then
@@ -181,14 +181,15 @@ run_step doctor 75 doctor.txt "$PY" -m binsparse_kernels doctor "${DOCTOR_ARGS[@
 GPU_TESTS=(tests/test_cuda_backend.py tests/test_triton_encode.py tests/test_triton_sparse.py tests/test_ops.py
            tests/test_api.py tests/test_cuda_build.py tests/test_self_check.py tests/test_doctor.py
            tests/test_bench.py::test_gpu_suite_bf16)
-PYTEST_ARGS=(-q -p no:cacheprovider -rfEs)
+PYTEST_ARGS=(-p no:cacheprovider -rfEs)
 if [ "$REHEARSAL" = 1 ]; then
-    PYTEST_ARGS+=(-m gpu)  # on a CPU the GPU tests skip themselves; the rest would only cost time
+    PYTEST_ARGS+=(-q -m gpu)  # on a CPU the GPU tests skip themselves; the rest would only cost time
 else
+    PYTEST_ARGS+=(-v)  # a line per test as it ends: a run cut at its time box still says what failed
     "$PY" -c "import xdist" 2>/dev/null && PYTEST_ARGS+=(-n "${GPU_CHECK_PYTEST_WORKERS:-4}")
     "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout 120)
 fi
-run_step tests 150 tests.log env BINSPARSE_SELF_CHECK=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" "${GPU_TESTS[@]}"
+run_step tests 200 tests.log env BINSPARSE_SELF_CHECK=0 "$PY" -m pytest "${PYTEST_ARGS[@]}" "${GPU_TESTS[@]}"
 
 # 3 compute-sanitizer memcheck: every op of the CUDA and Triton backends on the first-use problem,
 # with torch's caching allocator off so an access past a tensor's end lands outside any allocation
@@ -220,12 +221,15 @@ if [ "$REHEARSAL" = 1 ]; then
     BENCH_NAME=rehearsal-cpu
 else
     BENCH=(--preset quick --device cuda --min-time 0.25)
-    BENCH_IMPLS="$("$PY" -c "import torch; from binsparse_kernels.bench import harness
+    BENCH_IMPLS=""
+    wanted bench && BENCH_IMPLS="$(timeout 60 "$PY" -c "import torch; from binsparse_kernels.bench import harness
 print(','.join(i for i in harness.default_impls(torch.device('cuda')) if i != 'compile'))" 2>>"$OUT/steps.log")"
     COMPILE_IMPLS=compile
     BENCH_NAME=cuda-quick
 fi
-run_step bench 120 steps.log "$PY" -m binsparse_kernels bench "${BENCH[@]}" --impls "${BENCH_IMPLS:-eager}" \
+IMPLS_ARG=()
+[ -n "$BENCH_IMPLS" ] && IMPLS_ARG=(--impls "$BENCH_IMPLS")  # if listing them failed: bench's defaults
+run_step bench 120 steps.log "$PY" -m binsparse_kernels bench "${BENCH[@]}" "${IMPLS_ARG[@]}" \
     --out-dir "$OUT" --name "$BENCH_NAME-$STAMP"
 run_step bench-compile 600 steps.log "$PY" -m binsparse_kernels bench "${BENCH[@]}" --impls "$COMPILE_IMPLS" \
     --out-dir "$OUT" --name "$BENCH_NAME-compile-$STAMP"
