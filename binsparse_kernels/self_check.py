@@ -27,7 +27,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -349,13 +349,15 @@ def _run_quick_check(name: str, device: torch.device, dtype: torch.dtype) -> Opt
     return "; ".join(f"op {r.op}: {r.error or r.failures[0]}" for r in failed)
 
 
-def first_use_failure(name: str, device: torch.device, dtype: torch.dtype, fallback: Optional[str]) -> Optional[str]:
+def first_use_failure(name: str, device: torch.device, dtype: torch.dtype,
+                      fallback: Optional[Callable[[], str]]) -> Optional[str]:
     """None if backend ``name`` may run on ``device`` in ``dtype``, else why not.
 
     The first call for a GPU backend, device kind and dtype runs the quick self-check (unless
     ``BINSPARSE_SELF_CHECK=0``, or while traced or captured: then the next eager call checks); later
-    calls look the verdict up. A new failure warns once, saying ``fallback`` (what runs instead), or
-    raises ``SelfCheckFailed`` under ``BINSPARSE_SELF_CHECK=strict``.
+    calls look the verdict up. A new failure warns once, naming the backend ``fallback()`` says runs
+    instead, or raises ``SelfCheckFailed`` under ``BINSPARSE_SELF_CHECK=strict`` (with no ``fallback``,
+    for a named backend, the caller raises).
     """
     if name not in FIRST_USE_BACKENDS or device.type not in FIRST_USE_DEVICE_TYPES:
         return None
@@ -379,7 +381,8 @@ def first_use_failure(name: str, device: torch.device, dtype: torch.dtype, fallb
     if mode() == "strict":
         raise SelfCheckFailed(message)
     if fallback is not None:
-        warnings.warn(f"{message} Falling back to {fallback} for this process.", SelfCheckWarning, stacklevel=2)
+        warnings.warn(f"{message} Falling back to backend {fallback()} for this process.", SelfCheckWarning,
+                      stacklevel=2)
     return message
 
 

@@ -104,9 +104,11 @@ def get(name: str | None, device: torch.device, dtype: torch.dtype | None = None
     if name is None:
         preference = _PREFERENCE.get(device.type, ("reference",))
         for i, candidate in enumerate(preference):
-            if device.type in _BACKENDS[candidate].devices() and unavailable_reason(candidate) is None:
-                later = [c for c in preference[i + 1:] if device.type in _BACKENDS[c].devices()] or ["reference"]
-                if dtype is None or _self_check_failure(candidate, device, dtype, f"backend {later[0]!r}") is None:
+            if _usable(candidate, device):
+                def fallback(rest=preference[i + 1:]) -> str:  # named in the warning of a failed check
+                    return repr(next((c for c in rest if _usable(c, device)), "reference"))
+
+                if dtype is None or _self_check_failure(candidate, device, dtype, fallback) is None:
                     return _load(candidate)
                 continue
             if candidate not in ("reference",) and candidate not in _warned and candidate in _failed:
@@ -130,7 +132,12 @@ def get(name: str | None, device: torch.device, dtype: torch.dtype | None = None
     return _load(name)
 
 
-def _self_check_failure(name: str, device: torch.device, dtype: torch.dtype, fallback: str | None) -> str | None:
+def _usable(name: str, device: torch.device) -> bool:
+    return device.type in _BACKENDS[name].devices() and unavailable_reason(name) is None
+
+
+def _self_check_failure(name: str, device: torch.device, dtype: torch.dtype,
+                        fallback: Callable[[], str] | None) -> str | None:
     from .. import self_check  # imports this module: loaded on first use
 
     return self_check.first_use_failure(name, device, dtype, fallback)
