@@ -48,7 +48,7 @@ STAMP="$(date -u +%Y%m%dt%H%M%Sz)"
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PY SITE WHEELS
 
 if [ -z "${GPU_CHECK_REHEARSAL:-}" ]; then
-    if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    if timeout 120 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
         GPU_CHECK_REHEARSAL=0
     else
         GPU_CHECK_REHEARSAL=1
