@@ -262,6 +262,51 @@ def test_our_checkpoints_load_into_sparsify(variant, tmp_path):
             sparsify.SparseCoder.load_from_disk(tmp_path / "layers.3")
 
 
+@pytest.mark.parametrize("n_dead", [3, 50], ids=["few-dead", "many-dead"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_our_auxk_is_sparsifys(variant, n_dead):
+    """Our AuxK equals sparsify 1.3.3's (stock SparseCoder for TopK, BinarySparseCoder for binary):
+    k_aux = d_out // 2 = 10, scale min(n_dead / k_aux, 1), residual detached, b_dec excluded, divided by
+    the target's total variance. Binary coders: gradients too (stock TopK sends none to the encoder)."""
+    c = our_coder(variant)
+    dead = torch.zeros(80, dtype=torch.bool)
+    dead[torch.randperm(80)[:n_dead]] = True
+    x, y = torch.randn(40, 20), torch.randn(40, 20)
+    target = y if c.cfg.transcode else None
+    ours = c(x, target, dead_mask=dead, auxk_alpha=1.0).auxk_loss
+    sae = bsp.to_sparsify(c)
+    stock = sae(x, target, dead_mask=dead).auxk_loss
+    assert stock > 0
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-7)
+    stock.backward()
+    ours.backward()
+    for (name, p), q in zip(sae.named_parameters(), c.parameters()):
+        if p.grad is not None and (c.cfg.binary or name == "W_dec"):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["TopK-SAE", "TopK-skip"])
+def test_multi_topk_fvu_against_sparsify(variant):
+    """Multi-TopK FVU: sparsify's for SAEs. For skip transcoders ours keeps the skip path in the 4k
+    reconstruction (the coder's whole prediction with 4k latents); sparsify 1.3.3 leaves it out."""
+    c = our_coder(variant)
+    c.cfg.multi_topk = True
+    x, y = torch.randn(40, 20), torch.randn(40, 20)
+    target = y if c.cfg.transcode else None
+    ours = c(x, target).multi_topk_fvu
+    sae = bsp.to_sparsify(c)
+    stock = sae(x, target).multi_topk_fvu
+    if c.W_skip is None:
+        torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-7)
+        return
+    codes = c.encode(x, 4 * c.cfg.k)
+    out4 = dense(codes.acts, codes.indices, 80).detach() @ c.W_dec.detach() + c.b_dec.detach()
+    skip = x @ c.W_skip.detach().T
+    total = (y - y.mean(0)).square().sum()
+    torch.testing.assert_close(ours, (out4 + skip - y).square().sum() / total, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stock, (out4 - y).square().sum() / total, rtol=1e-5, atol=1e-7)
+
+
 def test_hybrid_and_wide_transcoders_are_refused(tmp_path):
     hybrid = BkCoder(20, BkConfig(num_latents=80, k=6, activation="topk_hybrid"))
     with pytest.raises(ValueError, match="hybrid"):
