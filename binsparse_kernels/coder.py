@@ -28,7 +28,7 @@ from ._io import atomic_write
 from .ops import EncoderOutput, sparse_decode, topk_binary_encode, topk_encode
 
 ACTIVATIONS = ("topk", "topk_binary", "topk_hybrid")
-_ALIASES = {"binary": "topk_binary", "hybrid": "topk_hybrid"}
+_ALIASES = {"hybrid": "topk_hybrid"}
 
 
 @dataclass
@@ -55,6 +55,11 @@ class SparseCoderConfig:
 
     def __post_init__(self):
         self.activation = _ALIASES.get(self.activation, self.activation)
+        if self.activation == "binary":
+            # Not an alias: on the paper's sparsify branch "binary" is a dense binary coder (every latent
+            # above its threshold fires, no top-k), a different function from "topk_binary".
+            raise ValueError("activation 'binary' (the paper branch's dense binary coder, no top-k) is not "
+                             "supported; the binary TopK coder is 'topk_binary'")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.ste not in ("sigmoid", "rectangle", "identity"):

@@ -217,9 +217,30 @@ def test_auxk_with_nothing_dead_is_exactly_zero_without_host_reads(variant, monk
             assert out.auxk_loss.item() > 0
 
 
+def test_skip_connection_layout_is_d_out_by_d_in():
+    """W_skip is [d_out, d_in] and applied as x @ W_skip.T (sparsify's layout, also on the paper's
+    branch; method.md writes [d_in, d_out] with x @ W_skip): pinned with d_out != d_in."""
+    c = SparseCoder(12, SparseCoderConfig(activation="topk", num_latents=40, k=4, transcode=True,
+                                          skip_connection=True), d_out=7)
+    assert c.W_skip.shape == (7, 12)
+    with torch.no_grad():
+        c.W_skip.normal_()
+        c.W_dec.normal_()
+    x = torch.randn(9, 12)
+    out = c(x, torch.randn(9, 7))
+    codes = c.encode(x)
+    dense_codes = torch.zeros(9, 40).scatter_(1, codes.indices, codes.acts.detach())
+    expected = dense_codes @ c.W_dec.detach() + c.b_dec.detach() + torch.einsum("ni,oi->no", x, c.W_skip.detach())
+    torch.testing.assert_close(out.sae_out.detach(), expected)
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="activation"):
         SparseCoderConfig(activation="relu")
+    # "binary" on the paper's sparsify branch is a dense binary coder (no top-k): not an alias
+    with pytest.raises(ValueError, match="dense binary coder.*topk_binary"):
+        SparseCoderConfig(activation="binary")
+    assert SparseCoderConfig(activation="hybrid").activation == "topk_hybrid"
     with pytest.raises(ValueError, match="k=50 is larger"):
         SparseCoder(4, SparseCoderConfig(num_latents=20, k=50))
     with pytest.raises(ValueError, match="skip_connection needs transcode"):

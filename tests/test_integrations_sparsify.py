@@ -307,6 +307,27 @@ def test_multi_topk_fvu_against_sparsify(variant):
     torch.testing.assert_close(stock, (out4 - y).square().sum() / total, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["sae", "skip-transcoder"])
+def test_stock_sparsify_checkpoints_load_into_our_coder(name, tmp_path):
+    """Checkpoints written by plain sparsify (no d_out in cfg.json) read by our loader compute the same
+    function; a non-symmetric W_skip pins its orientation ([d_out, d_in], x @ W_skip.T)."""
+    cfg = SparseCoderConfig(**CONFIGS[name])
+    stock = sparsify.SparseCoder(24, cfg)
+    with torch.no_grad():
+        stock.b_dec.normal_(0, 0.1)
+        stock.encoder.bias.normal_(0, 0.1)
+        if cfg.transcode:
+            stock.W_dec.normal_(0, 0.2)
+            stock.W_skip.normal_(0, 0.3)
+            assert (stock.W_skip - stock.W_skip.T).abs().max() > 0.1
+    stock.save_to_disk(tmp_path / "layers.1")
+    ours = BkCoder.load(tmp_path / "layers.1")
+    assert ours.cfg.activation == "topk" and (ours.W_skip is not None) == cfg.skip_connection
+    x, y = torch.randn(30, 24), torch.randn(30, 24)
+    target = y if cfg.transcode else None
+    torch.testing.assert_close(ours(x, target).sae_out, stock(x, target).sae_out, rtol=1e-5, atol=1e-5)
+
+
 def test_hybrid_and_wide_transcoders_are_refused(tmp_path):
     hybrid = BkCoder(20, BkConfig(num_latents=80, k=6, activation="topk_hybrid"))
     with pytest.raises(ValueError, match="hybrid"):
