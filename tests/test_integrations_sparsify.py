@@ -357,30 +357,40 @@ def tiny_lm_and_data(n_seq=8, seq_len=16):
     return model, data
 
 
-def train(sae_cfg, tmp_path, name, **kw):
+def train(sae_cfg, tmp_path, name, first_grads=None, **kw):
+    """sparsify's Trainer, 4 steps of 2 sequences; ``first_grads`` (a dict) receives each parameter's
+    gradient at the first optimizer step."""
     model, data = tiny_lm_and_data()
     cfg = TrainConfig(sae=sae_cfg, batch_size=2, hookpoints=["layers.1"], log_to_wandb=False,
-                      save_dir=str(tmp_path), run_name=name, lr=1e-3, **kw)  # 4 steps of 2 sequences
+                      save_dir=str(tmp_path), run_name=name, lr=1e-3, **kw)
     trainer = Trainer(cfg, data, model)
+    if first_grads is not None:
+        def record(opt, args, kwargs):
+            if not first_grads:
+                first_grads.update({n: p.grad.clone() for n, p in trainer.saes["layers.1"].named_parameters()
+                                    if p.grad is not None})
+        trainer.optimizers[0].register_step_pre_hook(record)
     trainer.fit()
     return trainer
 
 
 def test_sparsify_trainer_runs_on_our_ops(tmp_path):
-    """4 steps of sparsify's Trainer (Signum, AuxK on) with and without the patch agree."""
+    """4 steps of sparsify's Trainer (Adam, AuxK on) with and without the patch agree: the first
+    step's gradients at fp32 rounding, the trained weights to 1e-5."""
     sae_cfg = dict(num_latents=64, k=4)
-    stock = train(SparseCoderConfig(**sae_cfg), tmp_path, "stock", auxk_alpha=1 / 32, dead_feature_threshold=0)
+    run = dict(auxk_alpha=1 / 32, dead_feature_threshold=0, optimizer="adam", lr_warmup_steps=1)
+    g_stock, g_ours = {}, {}
+    stock = train(SparseCoderConfig(**sae_cfg), tmp_path, "stock", g_stock, **run)
     with bsp.sparsify_patched():
-        ours = train(SparseCoderConfig(**sae_cfg), tmp_path, "ours", auxk_alpha=1 / 32, dead_feature_threshold=0)
+        ours = train(SparseCoderConfig(**sae_cfg), tmp_path, "ours", g_ours, **run)
     a, b = stock.saes["layers.1"], ours.saes["layers.1"]
     assert type(b) is bsp.BinarySparseCoder and not b.binary  # the patched Trainer's class, continuous
-    lr = 1e-3
+    assert g_stock.keys() == g_ours.keys() == {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
+    for n in g_stock:
+        assert g_stock[n].abs().max() > 0, n
+        torch.testing.assert_close(g_ours[n], g_stock[n], rtol=1e-5, atol=1e-7, msg=n)
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
-        # Signum steps by lr * sign(grad): a gradient entry within rounding of 0 may take the other
-        # sign on another backend, so allow a few such entries, each off by at most a few steps' worth.
-        diff = (q - p).abs()
-        assert (diff <= 1e-5).float().mean() > 0.995, n
-        assert diff.max() <= 8 * lr, n
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=n)
     torch.manual_seed(0)  # the Trainer seeds each coder's init with its init_seed (0)
     fresh = sparsify.SparseCoder(16, SparseCoderConfig(**sae_cfg))
     assert (b.encoder.weight - fresh.encoder.weight).abs().max() > 1e-4  # it did train
