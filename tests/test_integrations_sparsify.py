@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sparsify = pytest.importorskip("sparsify")
-import sparsify.sparse_coder as sparsify_sc  # noqa: E402
-from sparsify import SparseCoderConfig, TrainConfig, Trainer  # noqa: E402
-from sparsify.utils import eager_decode  # noqa: E402
-from sparsify.fused_encoder import fused_encoder as stock_fused_encoder  # noqa: E402
+import sparsify
+import sparsify.sparse_coder as sparsify_sc
+from sparsify import SparseCoderConfig, TrainConfig, Trainer
+from sparsify.fused_encoder import fused_encoder as stock_fused_encoder
+from sparsify.utils import eager_decode
 
-from binsparse_kernels.coder import SparseCoder as BkCoder, SparseCoderConfig as BkConfig  # noqa: E402
-from binsparse_kernels.integrations import sparsify as bsp  # noqa: E402
+from binsparse_kernels.coder import SparseCoder as BkCoder, SparseCoderConfig as BkConfig
+from binsparse_kernels.integrations import sparsify as bsp
 
 
 @pytest.fixture(autouse=True)
