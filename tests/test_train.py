@@ -236,10 +236,14 @@ def metric_lines(path):
 
 
 def test_resume_after_a_crash_logs_each_step_once(tmp_path):
-    """Steps logged after the last save are repeated by the resumed run: metrics.jsonl keeps each once."""
-    straight = tiny_trainer(tiny_config(tmp_path, run_name="straight"))
+    """Steps logged after the last save are repeated by the resumed run: metrics.jsonl keeps each once.
+    The resume is exact, here with a hybrid coder, grad_acc_steps=2, exclude_tokens and Adam's
+    warm-up ending after the resumed step."""
+    options = dict(variants=["binary", "topk", "hybrid"], grad_acc_steps=2, exclude_tokens=[3, 5], lr_warmup_steps=3,
+                   batch_size=1)
+    straight = tiny_trainer(tiny_config(tmp_path, run_name="straight", **options))
     straight.train()
-    crashing = tiny_trainer(tiny_config(tmp_path))
+    crashing = tiny_trainer(tiny_config(tmp_path, **options))
     real_step = crashing._train_step
 
     def crash_at_step_4(autocast):
@@ -252,12 +256,16 @@ def test_resume_after_a_crash_logs_each_step_once(tmp_path):
         crashing.train()
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "fvu/bin')  # a line cut short by the crash
-    resumed = tiny_trainer(tiny_config(tmp_path, resume=True))
+    resumed = tiny_trainer(tiny_config(tmp_path, resume=True, **options))
     assert resumed.step == 2
     resumed.train()
     lines = metric_lines(tmp_path / "run" / "metrics.jsonl")
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
     assert lines == metric_lines(tmp_path / "straight" / "metrics.jsonl")  # resume is exact
+    assert resumed.tokens_seen == straight.tokens_seen < 6 * 2 * 16  # excluded tokens are not counted
+    for key, coder in straight._all_coders:
+        for name, p in coder.state_dict().items():
+            assert torch.equal(dict(resumed._all_coders)[key].state_dict()[name], p), (key, name)
     # a fresh (not resumed) run in the same folder starts a fresh metrics file
     tiny_trainer(tiny_config(tmp_path, max_tokens=2 * 16 * 2)).train()
     assert [line["step"] for line in metric_lines(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
