@@ -285,7 +285,8 @@ class SparseCoder(nn.Module):
         ``nonzero``. So the loss is exactly 0 (with zero gradients) when nothing is dead, and the
         extra memory is O(N * k_aux), never N x M.
         """
-        k_aux = min(self.d_out // 2, self.num_latents)
+        half = self.d_out // 2  # sparsify's k_aux; the scale uses it even when M is smaller
+        k_aux = min(half, self.num_latents)
         if k_aux < 1 or x.shape[0] == 0:
             return residual.new_zeros(())
         dead_mask = dead_mask.to(device=self.device, dtype=torch.bool)
@@ -315,7 +316,7 @@ class SparseCoder(nn.Module):
         # A live latent never contributes, whatever the STE would give it.
         acts = acts * is_dead.to(acts.dtype)
         e_hat = sparse_decode(indices, acts, self.W_dec, binary=Mb == self.num_latents, backend=self.backend)
-        scale = (dead_mask.sum() / k_aux).clamp(max=1.0)
+        scale = (dead_mask.sum() / half).clamp(max=1.0)
         return scale * _squared_error(residual, e_hat) / total_variance
 
     @torch.no_grad()

@@ -141,7 +141,7 @@ def randomised(variant, **kw):
     return c
 
 
-AUXK_CASES = {  # variant, extra config, dead latents (of 40; d = 12, so d_out // 2 = 6)
+AUXK_CASES = {  # variant, extra config, dead latents (of 40 unless M is given; d = 12, so d_out // 2 = 6)
     "BAE-few": ("BAE", {}, [3, 17]),
     "BAE-many": ("BAE", {}, list(range(0, 40, 2))),
     "BAE-identity-ste-few": ("BAE", {"ste": "identity"}, [5, 6, 30]),
@@ -152,6 +152,7 @@ AUXK_CASES = {  # variant, extra config, dead latents (of 40; d = 12, so d_out /
     "hybrid-few-both-parts": ("hybrid-SAE", {}, [2, 25]),
     "hybrid-few-binary-part": ("hybrid-SAE", {}, [0, 4, 9]),
     "hybrid-many": ("hybrid-SAE", {}, list(range(1, 40, 2))),
+    "TopK-SAE-fewer-latents-than-half-d": ("TopK-SAE", {"M": 4, "k": 2}, [1, 3]),
 }
 
 
@@ -162,7 +163,7 @@ def test_auxk_matches_its_dense_definition(case, backend):
     device = device_for(backend)
     c = randomised(variant, **kw).to(device)
     c.backend = backend
-    dead = torch.zeros(40, dtype=torch.bool, device=device)
+    dead = torch.zeros(c.num_latents, dtype=torch.bool, device=device)
     dead[dead_list] = True
     x, y = torch.randn(30, 12, device=device), torch.randn(30, 12, device=device)
     target = y if c.cfg.transcode else None
