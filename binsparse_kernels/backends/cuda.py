@@ -42,9 +42,12 @@ def _load_extension():
         sources = sorted(glob.glob(os.path.join(root, "*.cpp")) + glob.glob(os.path.join(root, "*.cu")))
         if not sources:
             raise ImportError(f"BINSPARSE_CUDA_JIT=1 but no CUDA sources under {os.path.normpath(root)}") from missing
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        from .. import _cuda_build
+
+        # Explicit -gencode flags: TORCH_CUDA_ARCH_LIST is read, never set (it would change the
+        # targets of every extension built later in this process).
         load(name="binsparse_cuda_jit", sources=sources, extra_cflags=["-O3"],
-             extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo"])
+             extra_cuda_cflags=_cuda_build.nvcc_flags(), extra_include_paths=[_cuda_build.cutlass_include()])
         return
     raise ImportError(
         "the CUDA backend needs the compiled extension binsparse_kernels._C_cuda, which is not built "

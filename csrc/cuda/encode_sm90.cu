@@ -1,0 +1,425 @@
+// Hopper (sm_90a) fused encoder: the same op as encode_topk_kernel (exact top-k of
+// z = x W^T + b - theta, or ReLU(x W^T + b), lowest index among ties, NaN first, rows sorted,
+// never writing [N, M]), on wgmma tensor cores fed by TMA.
+//
+// CTA = 3 warpgroups on one block of 64 tokens and one chunk of latents, cut in tiles of 256:
+//   * warpgroup 0, the producer: one thread issues TMA loads of [64 x 64] x and [256 x 64] W_enc
+//     slabs into a ring of `stages` shared-memory stages (mbarrier full/empty pairs);
+//   * warpgroups 1 and 2, the consumers: consumer c takes tiles c, c + 2, ...: a 64 x 256 wgmma tile
+//     (128 fp32 accumulators per thread), then its epilogue. A pair of named barriers makes their
+//     MMA phases alternate (the ping-pong schedule of FlashAttention-3), so one consumer's epilogue
+//     runs while the other's MMAs keep the tensor cores busy.
+// Epilogue, threshold-gated: the 4 lanes holding a row (a quad) keep its running top-k list in
+// shared memory and its k-th best score tau in registers. Every score is added its bias, compared
+// with tau, and in the common case the tile is done (a few instructions per score). Where some lane
+// of the warp has a score >= tau, the survivors are compacted into a small per-row staging buffer
+// and inserted exactly (quad_offer: beats the k-th best -> replace it, recompute the worst). The
+// staging buffer is only a cache: when a row's would overflow, the scan stops there, the buffer is
+// inserted, and the scan resumes at the same score with the tighter tau, so nothing depends on its
+// size. At the end the two consumers' lists of each row are merged and written (sorted into the
+// output when one chunk covers all latents, else as partial lists for merge_topk_kernel).
+#include "encode_sm90.h"
+
+#include <c10/cuda/CUDAException.h>
+
+#include "topk.cuh"
+
+#if defined(BINSPARSE_SM90A)
+#include <cute/tensor.hpp>  // first: the atom headers below build on it
+#include <cute/atom/copy_atom.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/numeric_types.h>
+#endif
+
+namespace binsparse_cuda {
+
+namespace sm90 {
+
+constexpr int kRows = kSm90Rows;
+constexpr int kCols = kSm90Cols;
+constexpr int kBK = 64;                      // 64 16-bit elements = one 128-byte swizzle row
+constexpr int kThreads = 384;                // producer + 2 consumer warpgroups
+constexpr int kMaxStages = 4;
+constexpr int kStaged = 16;                  // staging slots per row and consumer (a cache, see above)
+constexpr int kStageBytes = (kRows + kCols) * kBK * 2;  // 40 KiB, a multiple of 1024
+constexpr int kAlign = 1024;                 // swizzle-128B tiles start on a 1024-byte boundary
+constexpr int kValues = kRows * kCols / 128;  // accumulators per consumer thread (128)
+
+// Named barriers 8 + {0, 1} order the consumers' MMA phases, 8 + 2 joins them before the merge
+// (0..7 are left to CUTLASS, as its NamedBarrier numbering does).
+constexpr unsigned kOrderBarrier = 0, kConsumersBarrier = 2;
+
+size_t smem_bytes(int k, int stages) {
+  return kAlign + size_t(stages) * kStageBytes + size_t(2) * kRows * k * 8 + size_t(2) * kRows * kStaged * 8 +
+         size_t(2) * stages * sizeof(uint64_t);
+}
+
+struct Params {
+  const float* bias;
+  bool binary;
+  int64_t N, M, d;
+  int k;
+  int64_t chunk_cols;
+  int stages;
+  float* part_v;
+  int* part_i;
+  float* out_v;
+  int64_t* out_i;
+};
+
+// Position in the ring of stages: slot and the parity of its current use.
+struct Ring {
+  int slot;
+  unsigned phase;
+  int stages;
+  __device__ void advance(int steps) {  // steps >= 0
+    const int wraps = steps / stages;
+    slot += steps % stages;
+    int flips = wraps;
+    if (slot >= stages) {
+      slot -= stages;
+      ++flips;
+    }
+    phase ^= unsigned(flips) & 1u;
+  }
+};
+
+#if defined(BINSPARSE_SM90A)
+
+using namespace cute;
+
+template <class E>
+struct Layouts {
+  using A = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<kRows>, Int<kBK>>{}));
+  using B = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<kCols>, Int<kBK>>{}));
+  using Atom = std::conditional_t<std::is_same_v<E, cutlass::bfloat16_t>,
+                                  SM90_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>,
+                                  SM90_64x256x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::K>>;
+};
+
+// The epilogue below reads the accumulators by this map, written out from the wgmma D-fragment
+// layout: value i = e + 2h + 4n of thread t (lane l, warp w of its warpgroup) holds row
+// 16w + l/4 + 8h and column 8n + 2(l%4) + e of the 64 x 256 tile. Checked against CuTe's layout
+// at compile time.
+constexpr int frag_row(int t, int i) { return 16 * ((t / 32) % 4) + (t % 32) / 4 + 8 * ((i / 2) % 2); }
+constexpr int frag_col(int t, int i) { return 8 * (i / 4) + 2 * ((t % 32) % 4) + i % 2; }
+// A CuTe layout is a sum over its modes, CLayout(t, i) = CLayout(t, 0) + CLayout(0, i), and so is
+// the map above, so checking each mode alone checks every (t, i).
+template <class Atom>
+constexpr bool fragment_map_matches() {
+  using CLayout = typename MMA_Traits<Atom>::CLayout;  // (thread, value) -> row + 64 * column
+  auto map = [](int t, int i) { return frag_row(t, i) + kRows * frag_col(t, i); };
+  if (size<0>(CLayout{}) != 128 || size<1>(CLayout{}) != kValues) return false;
+  for (int t = 0; t < 128; ++t)
+    if (CLayout{}(t, 0) != map(t, 0) || map(t, 5) != map(t, 0) + map(0, 5)) return false;
+  for (int i = 0; i < kValues; ++i)
+    if (CLayout{}(0, i) != map(0, i) || map(77, i) != map(77, 0) + map(0, i)) return false;
+  return true;
+}
+static_assert(fragment_map_matches<Layouts<cutlass::bfloat16_t>::Atom>(), "wgmma accumulator layout changed");
+static_assert(fragment_map_matches<Layouts<cutlass::half_t>::Atom>(), "wgmma accumulator layout changed");
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue of one consumer's tile: scores in place, gate, compaction, exact insertion.
+// ---------------------------------------------------------------------------------------------
+
+struct RowsOfThread {
+  int local[2];     // the thread's two rows in the 64-row block: 16w + l/4 and + 8
+  bool valid[2];    // row < N
+  float tau[2];     // gate: scores below it cannot enter the row's top-k (+inf for rows >= N)
+  QuadTopk top[2];  // the row's list state (identical in the quad)
+};
+
+template <bool kBinary, class Acc>
+__device__ __forceinline__ void epilogue(Acc& acc, RowsOfThread& rows, const Params& p, int64_t col0, int cols_here,
+                                         float* lv, int* li, float* sv, int* si) {
+  const int lane = threadIdx.x % 32, pair = 2 * (lane % 4);
+  // z = (acc + b) - theta, or ReLU(acc + b) keeping NaN, in place; `any`: some score reaches tau.
+  bool any = false;
+#pragma unroll
+  for (int n = 0; n < kValues / 4; ++n) {
+    const int64_t col = col0 + 8 * n + pair;  // even; the bias array is padded to whole tiles
+    float b[2], th[2] = {0.f, 0.f};
+    if constexpr (kBinary) {
+      const float4 bt = __ldg(reinterpret_cast<const float4*>(p.bias) + col / 2);
+      b[0] = bt.x; th[0] = bt.y; b[1] = bt.z; th[1] = bt.w;
+    } else {
+      const float2 b2 = __ldg(reinterpret_cast<const float2*>(p.bias) + col / 2);
+      b[0] = b2.x; b[1] = b2.y;
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int i = e + 2 * h + 4 * n;
+        const float pre = acc(i) + b[e];
+        const float z = kBinary ? pre - th[e] : (pre < 0.f ? 0.f : pre);
+        acc(i) = z;
+        any |= !(z < rows.tau[h]);
+      }
+  }
+  if (!__any_sync(kFullMask, any)) return;
+
+  // Some scores pass: compact them into the rows' staging buffers (quad prefix sums over ballots),
+  // insert, and rescan from where a buffer filled up.
+  const unsigned below = (1u << (lane % 4)) - 1u, quad_shift = lane & ~3;
+  int start = 0;  // first value index not yet offered (identical in the quad)
+  while (__any_sync(kFullMask, start < kValues)) {
+    int count[2] = {0, 0};
+    int stop = kValues;
+#pragma unroll
+    for (int i = 0; i < kValues; ++i) {
+      const int h = (i / 2) % 2, c = frag_col(lane, i);
+      const bool live = i >= start && i < stop;
+      const bool pass = live && rows.valid[h] && c < cols_here && !(acc(i) < rows.tau[h]);
+      const unsigned quad = (__ballot_sync(kFullMask, pass) >> quad_shift) & 0xfu;
+      const int num = __popc(quad);
+      if (live && count[h] + num > kStaged) {
+        stop = i;  // the quad's buffer is full: offer from here on the next pass
+      } else if (num > 0) {
+        if (pass) {
+          const int slot = rows.local[h] * kStaged + count[h] + __popc(quad & below);
+          sv[slot] = acc(i);
+          si[slot] = static_cast<int>(col0 + c);
+        }
+        count[h] += num;
+      }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int most = __reduce_max_sync(kFullMask, count[h]);
+      const int row = rows.local[h];
+      for (int e = 0; e < most; ++e) {
+        const bool has = e < count[h];
+        const float cv = has ? sv[row * kStaged + e] : 0.f;
+        const int ci = has ? si[row * kStaged + e] : 0;
+        quad_offer(lv + row * p.k, li + row * p.k, p.k, rows.top[h], cv, ci, has);
+      }
+      rows.tau[h] = !rows.valid[h] ? INFINITY : rows.top[h].count < p.k ? -INFINITY : rows.top[h].wv;
+    }
+    __syncwarp();  // the staging buffers are refilled by the next pass
+    start = stop;
+  }
+}
+
+template <class E, class TmaA, class TmaB>
+__global__ void __launch_bounds__(kThreads, 1)
+    encode_sm90_kernel(CUTE_GRID_CONSTANT TmaA const tma_a, CUTE_GRID_CONSTANT TmaB const tma_b, Params p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = Layouts<E>;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((kAlign - cast_smem_ptr_to_uint(smem_raw) % kAlign) % kAlign);
+  const int stages = p.stages, k = p.k;
+  auto stage_a = [&](int s) { return reinterpret_cast<E*>(smem + size_t(s) * kStageBytes); };
+  auto stage_b = [&](int s) { return reinterpret_cast<E*>(smem + size_t(s) * kStageBytes) + kRows * kBK; };
+  float* list_v = reinterpret_cast<float*>(smem + size_t(stages) * kStageBytes);  // [consumer][row][k]
+  int* list_i = reinterpret_cast<int*>(list_v + 2 * kRows * k);
+  float* staged_v = reinterpret_cast<float*>(list_i + 2 * kRows * k);  // [consumer][row][kStaged]
+  int* staged_i = reinterpret_cast<int*>(staged_v + 2 * kRows * kStaged);
+  uint64_t* full = reinterpret_cast<uint64_t*>(staged_i + 2 * kRows * kStaged);  // TMA landed
+  uint64_t* empty = full + stages;                                                 // consumer done
+
+  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, warp = tid / 32, lane = threadIdx.x % 32;
+  const int64_t row0 = int64_t(blockIdx.x) * kRows;
+  const int64_t col_begin = int64_t(blockIdx.y) * p.chunk_cols;
+  const int64_t col_end = min(p.M, col_begin + p.chunk_cols);
+  const int ntiles = static_cast<int>((col_end - col_begin + kCols - 1) / kCols);
+  const int nk = static_cast<int>((p.d + kBK - 1) / kBK);
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) {
+      cutlass::arch::ClusterTransactionBarrier::init(&full[s], 1);
+      cutlass::arch::ClusterBarrier::init(&empty[s], 4);  // one arrival per consumer warp
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // Producer: one thread walks the tiles in order, k-slab by k-slab, through the ring.
+    cutlass::arch::warpgroup_reg_dealloc<40>();
+    if (tid == 0) {
+      prefetch_tma_descriptor(tma_a.get_tma_descriptor());
+      prefetch_tma_descriptor(tma_b.get_tma_descriptor());
+      Tensor gA = local_tile(tma_a.get_tma_tensor(make_shape(int(p.N), int(p.d))), Shape<Int<kRows>, Int<kBK>>{},
+                             make_coord(int(blockIdx.x), _));  // (64, 64, nk)
+      Tensor gB = local_tile(tma_b.get_tma_tensor(make_shape(int(p.M), int(p.d))), Shape<Int<kCols>, Int<kBK>>{},
+                             make_coord(_, _));  // (256, 64, tiles of M, nk)
+      const int tile0 = static_cast<int>(col_begin / kCols);
+      Ring ring{0, 0u, stages};
+      for (int j = 0; j < ntiles; ++j) {
+        for (int kb = 0; kb < nk; ++kb) {
+          const int s = ring.slot;
+          cutlass::arch::ClusterBarrier::wait(&empty[s], ring.phase ^ 1u);  // first use: passes at once
+          cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&full[s], kStageBytes);
+          auto [tAgA, tAsA] = tma_partition(tma_a, Int<0>{}, Layout<_1>{},
+                                            group_modes<0, 2>(make_tensor(make_smem_ptr(stage_a(s)), typename L::A{})),
+                                            group_modes<0, 2>(gA));
+          auto [tBgB, tBsB] = tma_partition(tma_b, Int<0>{}, Layout<_1>{},
+                                            group_modes<0, 2>(make_tensor(make_smem_ptr(stage_b(s)), typename L::B{})),
+                                            group_modes<0, 2>(gB));
+          copy(tma_a.with(full[s]), tAgA(_, kb), tAsA);
+          copy(tma_b.with(full[s]), tBgB(_, tile0 + j, kb), tBsB);
+          ring.advance(1);
+        }
+      }
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<232>();
+    const int c = wg - 1;
+    float* lv = list_v + c * kRows * k;
+    int* li = list_i + c * kRows * k;
+    float* sv = staged_v + c * kRows * kStaged;
+    int* si = staged_i + c * kRows * kStaged;
+    // This warp's 16 rows: empty lists (only this warp touches them until the merge).
+    for (int e = lane; e < 16 * k; e += 32) {
+      lv[16 * warp * k + e] = -INFINITY;
+      li[16 * warp * k + e] = kEmptyIndex;
+    }
+    __syncwarp();
+    RowsOfThread rows;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      rows.local[h] = frag_row(tid, 2 * h);
+      rows.valid[h] = row0 + rows.local[h] < p.N;
+      rows.tau[h] = rows.valid[h] ? -INFINITY : INFINITY;
+      rows.top[h] = QuadTopk{0, -INFINITY, kEmptyIndex, 0};
+    }
+
+    auto mma = make_tiled_mma(typename L::Atom{});
+    auto thr = mma.get_thread_slice(tid);
+    Tensor acc = partition_fragment_C(mma, Shape<Int<kRows>, Int<kCols>>{});
+    static_assert(decltype(size(acc))::value == kValues);
+
+    Ring ring{0, 0u, stages};
+    if (c == 1) {
+      ring.advance(nk);                                                     // tile 1's first slab
+      cutlass::arch::NamedBarrier::arrive(256, kOrderBarrier + 0);          // consumer 0 goes first
+    }
+    for (int j = c; j < ntiles; j += 2) {
+      // MMA phase: wait for my turn, issue the tile's wgmmas slab by slab, then hand over.
+      cutlass::arch::NamedBarrier::sync(256, kOrderBarrier + c);
+      mma.accumulate_ = GMMA::ScaleOut::Zero;
+      warpgroup_fence_operand(acc);
+      int previous = -1;
+      for (int kb = 0; kb < nk; ++kb) {
+        const int s = ring.slot;
+        cutlass::arch::ClusterTransactionBarrier::wait(&full[s], ring.phase);
+        Tensor tCrA = thr.make_fragment_A(thr.partition_A(make_tensor(make_smem_ptr(stage_a(s)), typename L::A{})));
+        Tensor tCrB = thr.make_fragment_B(thr.partition_B(make_tensor(make_smem_ptr(stage_b(s)), typename L::B{})));
+        warpgroup_arrive();
+#pragma unroll
+        for (int kk = 0; kk < size<2>(tCrA); ++kk) {
+          gemm(mma, tCrA(_, _, kk), tCrB(_, _, kk), acc);
+          mma.accumulate_ = GMMA::ScaleOut::One;
+        }
+        warpgroup_commit_batch();
+        if (previous >= 0) {
+          warpgroup_wait<1>();  // the previous slab's wgmmas are done reading it
+          if (lane == 0) cutlass::arch::ClusterBarrier::arrive(&empty[previous]);
+        }
+        previous = s;
+        ring.advance(1);
+      }
+      warpgroup_fence_operand(acc);
+      if (j + 1 < ntiles) cutlass::arch::NamedBarrier::arrive(256, kOrderBarrier + (1 - c));
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc);
+      if (lane == 0) cutlass::arch::ClusterBarrier::arrive(&empty[previous]);
+      ring.advance(nk);  // the other consumer's tile
+
+      const int64_t col0 = col_begin + int64_t(j) * kCols;
+      const int cols_here = static_cast<int>(min(int64_t(kCols), col_end - col0));
+      if (p.binary) {
+        epilogue<true>(acc, rows, p, col0, cols_here, lv, li, sv, si);
+      } else {
+        epilogue<false>(acc, rows, p, col0, cols_here, lv, li, sv, si);
+      }
+    }
+
+    // Merge: consumer 1's list of each row into consumer 0's, then write it (8 warps, 8 rows each).
+    cutlass::arch::NamedBarrier::sync(256, kConsumersBarrier);
+    const int merge_warp = 4 * c + warp;
+    for (int r = merge_warp; r < kRows; r += 8) {
+      const int64_t gr = row0 + r;
+      if (gr >= p.N) break;  // warp-uniform; no barrier follows
+      float* v0 = list_v + r * k;
+      int* i0 = list_i + r * k;
+      const float* v1 = list_v + (kRows + r) * k;
+      const int* i1 = list_i + (kRows + r) * k;
+      float wv;
+      int wi, ws;
+      warp_worst(v0, i0, k, wv, wi, ws);
+      __syncwarp();
+      for (int s0 = 0; s0 < k; s0 += 32) {
+        const int s = s0 + lane;
+        const bool valid = s < k;
+        warp_offer(v0, i0, k, wv, wi, ws, valid ? v1[s] : 0.f, valid ? i1[s] : 0, valid);
+      }
+      __syncwarp();
+      if (p.out_v != nullptr) {
+        warp_write_sorted(v0, i0, k, p.out_v + gr * k, p.out_i + gr * k);
+      } else {
+        const int64_t base = (int64_t(blockIdx.y) * p.N + gr) * k;
+        warp_write_sorted(v0, i0, k, p.part_v + base, p.part_i + base);
+      }
+    }
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+template <class E>
+void launch(const Sm90EncodeArgs& a) {
+  using L = Layouts<E>;
+  // TMA descriptors over x [N, d] and W [M, d] (K-major); out-of-range boxes are zero-filled.
+  Tensor gx = make_tensor(make_gmem_ptr(static_cast<const E*>(a.x)), make_shape(int(a.N), int(a.d)),
+                          make_stride(int64_t(a.d), Int<1>{}));
+  Tensor gw = make_tensor(make_gmem_ptr(static_cast<const E*>(a.W)), make_shape(int(a.M), int(a.d)),
+                          make_stride(int64_t(a.d), Int<1>{}));
+  auto tma_a = make_tma_copy(SM90_TMA_LOAD{}, gx, typename L::A{});
+  auto tma_b = make_tma_copy(SM90_TMA_LOAD{}, gw, typename L::B{});
+  Params p{a.bias, a.binary, a.N, a.M, a.d, a.k, a.chunk_cols, a.stages, a.part_v, a.part_i, a.out_v, a.out_i};
+  auto kernel = encode_sm90_kernel<E, decltype(tma_a), decltype(tma_b)>;
+  const size_t smem = smem_bytes(a.k, a.stages);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  kernel<<<dim3(unsigned(a.row_blocks), unsigned(a.chunks)), kThreads, smem, a.stream>>>(tma_a, tma_b, p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#endif  // BINSPARSE_SM90A
+
+}  // namespace sm90
+
+bool sm90_encode_built() {
+#if defined(BINSPARSE_SM90A)
+  return true;
+#else
+  return false;
+#endif
+}
+
+int sm90_stages(int k, size_t smem_optin) {
+  for (int stages = sm90::kMaxStages; stages >= 2; --stages)
+    if (sm90::smem_bytes(k, stages) <= smem_optin) return stages;
+  return 0;
+}
+
+void launch_sm90_encode(const Sm90EncodeArgs& args) {
+#if defined(BINSPARSE_SM90A)
+  if (args.bf16) {
+    sm90::launch<cutlass::bfloat16_t>(args);
+  } else {
+    sm90::launch<cutlass::half_t>(args);
+  }
+#else
+  (void)args;
+  TORCH_CHECK(false, "the sm_90 encode kernel is not in this build");
+#endif
+}
+
+}  // namespace binsparse_cuda
