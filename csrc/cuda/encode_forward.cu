@@ -496,10 +496,10 @@ std::tuple<Tensor, Tensor> encode_forward(const Tensor& x, const Tensor& W_enc, 
     sm90_unsupported = "the GPU's compute capability is not 9.0";
   } else if (!sixteen_bit) {
     sm90_unsupported = "x is float32 (the sm_90 kernel takes bfloat16 and float16)";
-  } else if (d % 8 != 0 || !aligned16(x) || !aligned16(W)) {
-    sm90_unsupported = "d is not a multiple of 8 or x / W_enc is not 16-byte aligned (TMA)";
+  } else if (d == 0 || d % 8 != 0 || !aligned16(x) || !aligned16(W)) {
+    sm90_unsupported = "d is 0 or not a multiple of 8, or x / W_enc is not 16-byte aligned (TMA)";
   } else if (k > kMaxFusedK || sm90_stages(int(k), smem_optin) < 2) {
-    sm90_unsupported = "k is above the fused limit of 128";
+    sm90_unsupported = "k is above the fused limit of 128, or its lists do not fit in shared memory";
   }
   TORCH_CHECK(requested != Requested::kSm90 || sm90_unsupported == nullptr,
               "BINSPARSE_CUDA_ENCODE=sm90, but the sm_90 encode kernel cannot run this call: ", sm90_unsupported);

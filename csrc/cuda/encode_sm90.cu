@@ -304,21 +304,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int j = c; j < ntiles; j += 2) {
       // MMA phase: wait for my turn, issue the tile's wgmmas slab by slab, then hand over.
       cutlass::arch::NamedBarrier::sync(256, kOrderBarrier + c);
-      mma.accumulate_ = GMMA::ScaleOut::Zero;
-      warpgroup_fence_operand(acc);
+      mma.accumulate_ = GMMA::ScaleOut::Zero;  // the tile's first wgmma overwrites the accumulators
       int previous = -1;
       for (int kb = 0; kb < nk; ++kb) {
         const int s = ring.slot;
         cutlass::arch::ClusterTransactionBarrier::wait(&full[s], ring.phase);
         Tensor tCrA = thr.make_fragment_A(thr.partition_A(make_tensor(make_smem_ptr(stage_a(s)), typename L::A{})));
         Tensor tCrB = thr.make_fragment_B(thr.partition_B(make_tensor(make_smem_ptr(stage_b(s)), typename L::B{})));
-        warpgroup_arrive();
+        warpgroup_fence_operand(acc);
+        warpgroup_arrive();  // wgmma.fence: the epilogue wrote these accumulator registers
 #pragma unroll
         for (int kk = 0; kk < size<2>(tCrA); ++kk) {
           gemm(mma, tCrA(_, _, kk), tCrB(_, _, kk), acc);
           mma.accumulate_ = GMMA::ScaleOut::One;
         }
         warpgroup_commit_batch();
+        warpgroup_fence_operand(acc);
         if (previous >= 0) {
           warpgroup_wait<1>();  // the previous slab's wgmmas are done reading it
           if (lane == 0) cutlass::arch::ClusterBarrier::arrive(&empty[previous]);
