@@ -35,6 +35,7 @@ def kernel_constant(name: str) -> int:
 
 
 K_STAGED = kernel_constant("kStaged")
+BISECTIONS = kernel_constant("kBisections")
 TILE_COLS = 256
 VALUES = 128  # accumulators per consumer thread: 64 x 256 / 128
 
@@ -135,48 +136,77 @@ def frag_col(lane, i):
     return 8 * (i // 4) + 2 * (lane % 4) + i % 2
 
 
-def epilogue_quad(z, col0, cols_here, valid, state, staged_cap):
-    """z[p][i]: the scores of quad lane p (values i = e + 2h + 4n: row h, column frag_col(p, i))."""
-    tau = [state[h].tau(valid[h]) for h in range(2)]
-    if not any(not (z[p][i] < tau[(i // 2) % 2]) for p in range(4) for i in range(VALUES)):
-        return  # the fast path: nothing reaches tau
-    start = 0
-    while start < VALUES:
-        count, stop, staged = [0, 0], VALUES, [[None] * staged_cap for _ in range(2)]
-        for i in range(VALUES):
-            h = (i // 2) % 2
-            live = start <= i < stop
-            passes = [live and valid[h] and frag_col(p, i) < cols_here and not (z[p][i] < tau[h]) for p in range(4)]
-            num = sum(passes)
-            if live and count[h] + num > staged_cap:
-                stop = i
-            elif num > 0:
-                for p in range(4):
-                    if passes[p]:
-                        staged[h][count[h] + sum(passes[:p])] = (z[p][i], col0 + frag_col(p, i))
-                count[h] += num
+def row_values(i0):
+    """Value indices of row h = i0 // 2 in a thread: e + 2h + 4n."""
+    return [i for i in range(VALUES) if (i // 2) % 2 == i0 // 2]
+
+
+def tile_kth_lower_bound(z, h, k, steps):
+    """Bisection in float32 between the row's least and greatest score, keeping >= k scores !(z < lo)."""
+    vals = [z[p][i] for p in range(4) for i in row_values(2 * h)]
+    numbers = [v for v in vals if not math.isnan(v)]
+    lo = np.float32(min(numbers)) if numbers else np.float32(np.inf)
+    hi = np.float32(max(numbers)) if numbers else np.float32(-np.inf)
+    finite = bool(np.isfinite(lo) and np.isfinite(hi))
+    for _ in range(steps):
+        with np.errstate(over="ignore", invalid="ignore"):
+            mid = np.float32(lo + np.float32(hi - lo) * np.float32(0.5))
+        count = sum(not (v < mid) for v in vals)
+        if finite and lo < mid < hi:
+            lo, hi = (mid, hi) if count >= k else (lo, mid)
+    return float(lo) if finite else -math.inf
+
+
+def epilogue_quad(z, col0, col_end, first_tile, state, tau, staged_cap):
+    """z[p][i]: the scores of quad lane p (values i = e + 2h + 4n: row h, column frag_col(p, i));
+    tau[h] = +inf marks a row beyond N. Columns >= col_end pass the gate but are dropped when inserted."""
+    k = state[0].k
+    if first_tile and col_end - col0 >= TILE_COLS:
         for h in range(2):
-            for e in range(count[h]):
-                state[h].offer(*staged[h][e])
-            tau[h] = state[h].tau(valid[h])
-        start = stop
+            bound = tile_kth_lower_bound(z, h, k, BISECTIONS)
+            if tau[h] != math.inf:
+                tau[h] = bound
+    start = [0] * 4
+    while any(s < VALUES for s in start):
+        staged = [[] for _ in range(4)]
+        for p in range(4):
+            stop = VALUES
+            for i in range(VALUES):
+                h = (i // 2) % 2
+                if i >= start[p] and not (z[p][i] < tau[h]):
+                    if len(staged[p]) < staged_cap:
+                        staged[p].append((z[p][i], col0 + frag_col(p, i), h))
+                    else:
+                        stop = min(stop, i)
+            start[p] = stop
+        if not any(staged):
+            break
+        for e in range(max(len(s) for s in staged)):
+            for p in range(4):  # the quad's lanes take turns
+                if e < len(staged[p]):
+                    v, col, h = staged[p][e]
+                    if col < col_end:
+                        state[h].offer(v, col)
+        for h in range(2):
+            if state[h].count >= k and not math.isnan(state[h].worst[0]):
+                tau[h] = max(tau[h], state[h].worst[0])
 
 
-def sm90_cta_model(scores, k, staged_cap=K_STAGED):
-    """Rows of one quad pair (2 rows; None = row beyond N) over all columns of a chunk: two consumers
-    take alternate 256-column tiles, then consumer 1's list is merged into consumer 0's and written."""
-    M, valid = scores.shape[1], [True, True]
+def sm90_cta_model(scores, k, staged_cap=K_STAGED, valid=(True, True)):
+    """Two rows (one quad) over all columns of a chunk: two consumers take alternate 256-column tiles,
+    then consumer 1's list is merged into consumer 0's and written sorted."""
+    M = scores.shape[1]
     ntiles = -(-M // TILE_COLS)
     states = [[QuadTopk(k) for _ in range(2)] for _ in range(2)]  # [consumer][h]
+    taus = [[-math.inf if v else math.inf for v in valid] for _ in range(2)]
     for j in range(ntiles):
         col0, c = j * TILE_COLS, j % 2
-        cols_here = min(TILE_COLS, M - col0)
         z = [[0.0] * VALUES for _ in range(4)]
         for p in range(4):
             for i in range(VALUES):
                 col = col0 + frag_col(p, i)
                 z[p][i] = float(scores[(i // 2) % 2, col]) if col < M else 0.0  # beyond M: padded bias, 0
-        epilogue_quad(z, col0, cols_here, valid, states[c], staged_cap)
+        epilogue_quad(z, col0, M, j == c, states[c], taus[c], staged_cap)
     rows = []
     for h in range(2):
         q0, q1 = states[0][h], states[1][h]
@@ -205,7 +235,7 @@ CASES = {
 
 @pytest.mark.parametrize("staged_cap", [K_STAGED, 4], ids=["kernel_staging", "tiny_staging"])
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("M,k", [(300, 1), (700, 32), (1100, 128), (256, 64), (129, 100)])
+@pytest.mark.parametrize("M,k", [(300, 1), (700, 32), (1100, 128), (256, 64), (512, 128), (129, 100)])
 def test_sm90_epilogue_model_is_an_exact_topk(M, k, case, staged_cap):
     rng = np.random.default_rng(M * 1000 + k)
     scores = CASES[case](rng, M)
@@ -220,9 +250,21 @@ def test_sm90_epilogue_model_is_an_exact_topk(M, k, case, staged_cap):
 def test_sm90_epilogue_model_skips_rows_beyond_n():
     # A row beyond N (tau = +inf, valid = False) stages nothing and keeps an empty list.
     z = [[1.0] * VALUES for _ in range(4)]
-    state = [QuadTopk(3), QuadTopk(3)]
-    epilogue_quad(z, 0, TILE_COLS, [True, False], state, K_STAGED)
-    assert state[0].count == 3 and state[1].count == 0
+    state, tau = [QuadTopk(3), QuadTopk(3)], [-math.inf, math.inf]
+    epilogue_quad(z, 0, TILE_COLS, True, state, tau, K_STAGED)
+    assert state[0].count == 3 and state[1].count == 0 and tau[1] == math.inf
+
+
+def test_first_tile_bound_lets_about_k_scores_through():
+    # The point of the bisection: the first tile inserts about k scores per row, not 256.
+    rng = np.random.default_rng(0)
+    for k in (1, 32, 128):
+        scores = rng.standard_normal((2, TILE_COLS)).astype(np.float32)
+        z = [[float(scores[(i // 2) % 2, frag_col(p, i)]) for i in range(VALUES)] for p in range(4)]
+        for h in range(2):
+            bound = tile_kth_lower_bound(z, h, k, BISECTIONS)
+            passed = int((scores[h] >= bound).sum())
+            assert k <= passed <= k + 4, (k, passed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,14 +10,17 @@
 //     MMA phases alternate (the ping-pong schedule of FlashAttention-3), so one consumer's epilogue
 //     runs while the other's MMAs keep the tensor cores busy.
 // Epilogue, threshold-gated: the 4 lanes holding a row (a quad) keep its running top-k list in
-// shared memory and its k-th best score tau in registers. Every score is added its bias, compared
-// with tau, and in the common case the tile is done (a few instructions per score). Where some lane
-// of the warp has a score >= tau, the survivors are compacted into a small per-row staging buffer
-// and inserted exactly (quad_offer: beats the k-th best -> replace it, recompute the worst). The
-// staging buffer is only a cache: when a row's would overflow, the scan stops there, the buffer is
-// inserted, and the scan resumes at the same score with the tighter tau, so nothing depends on its
-// size. At the end the two consumers' lists of each row are merged and written (sorted into the
-// output when one chunk covers all latents, else as partial lists for merge_topk_kernel).
+// shared memory and a lower bound tau on its k-th best score in registers. Every score is added its
+// bias and compared with tau (a few instructions per score, a branch taken only by survivors).
+// Survivors are compacted into the thread's own staging slots and then inserted exactly
+// (quad_offer: while the list is not full append, else replace the worst entry if the candidate
+// beats it and recompute the worst); tau rises to the k-th best. The staging slots are only a
+// cache: when they are full the scan remembers the first score it could not stage, the staged ones
+// are inserted, and the scan resumes there with the tighter tau, so nothing depends on their size.
+// A consumer's first tile starts tau at a bisection lower bound on the tile's k-th best instead of
+// -inf, so that only about k of its scores are inserted. At the end the two consumers' lists of
+// each row are merged and written (sorted into the output when one chunk covers all latents, else
+// as partial lists for merge_topk_kernel).
 #include "encode_sm90.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -44,17 +47,15 @@ constexpr int kCols = kSm90Cols;
 constexpr int kBK = 64;                      // 64 16-bit elements = one 128-byte swizzle row
 constexpr int kThreads = 384;                // producer + 2 consumer warpgroups
 constexpr int kMaxStages = 4;
-constexpr int kStaged = 16;                  // staging slots per row and consumer (a cache, see above)
+constexpr int kStaged = 8;                   // staging slots per consumer thread (a cache, see above)
+constexpr int kConsumerThreads = 256;
+constexpr int kBisections = 12;              // steps of the first tile's lower bound on the k-th best
 constexpr int kStageBytes = (kRows + kCols) * kBK * 2;  // 40 KiB, a multiple of 1024
 constexpr int kAlign = 1024;                 // swizzle-128B tiles start on a 1024-byte boundary
 constexpr int kValues = kRows * kCols / 128;  // accumulators per consumer thread (128)
 
-// Named barriers 8 + {0, 1} order the consumers' MMA phases, 8 + 2 joins them before the merge
-// (0..7 are left to CUTLASS, as its NamedBarrier numbering does).
-constexpr unsigned kOrderBarrier = 0, kConsumersBarrier = 2;
-
 size_t smem_bytes(int k, int stages) {
-  return kAlign + size_t(stages) * kStageBytes + size_t(2) * kRows * k * 8 + size_t(2) * kRows * kStaged * 8 +
+  return kAlign + size_t(stages) * kStageBytes + size_t(2) * kRows * k * 8 + size_t(kConsumerThreads) * kStaged * 8 +
          size_t(2) * stages * sizeof(uint64_t);
 }
 
@@ -129,17 +130,65 @@ static_assert(fragment_map_matches<Layouts<cutlass::half_t>::Atom>(), "wgmma acc
 
 struct RowsOfThread {
   int local[2];     // the thread's two rows in the 64-row block: 16w + l/4 and + 8
-  bool valid[2];    // row < N
-  float tau[2];     // gate: scores below it cannot enter the row's top-k (+inf for rows >= N)
+  float tau[2];     // gate: scores below it cannot enter the row's top-k; +inf for rows >= N
   QuadTopk top[2];  // the row's list state (identical in the quad)
 };
 
+constexpr int kNoCandidate = 0x7fffffff;  // staged code of "nothing": no latent has this index
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(kFullMask, v, 1));
+  return fmaxf(v, __shfl_xor_sync(kFullMask, v, 2));
+}
+__device__ __forceinline__ float quad_min(float v) {
+  v = fminf(v, __shfl_xor_sync(kFullMask, v, 1));
+  return fminf(v, __shfl_xor_sync(kFullMask, v, 2));
+}
+__device__ __forceinline__ int quad_sum(int v) {
+  v += __shfl_xor_sync(kFullMask, v, 1);
+  return v + __shfl_xor_sync(kFullMask, v, 2);
+}
+
+// A lower bound on the k-th best score of row h in a full tile (256 columns, k <= 128): bisection
+// between the row's least and greatest score, keeping `lo` such that at least k scores z have
+// !(z < lo) (NaN included). Scores below it are beaten by k others, so the gate may start there
+// instead of at -inf, and only about k scores of the consumer's first tile survive. Every lane of
+// the warp runs every step (full-mask shuffles); a quad whose row holds +-inf returns -inf.
+template <class Acc>
+__device__ __forceinline__ float tile_kth_lower_bound(const Acc& acc, int h, int k) {
+  float lo = INFINITY, hi = -INFINITY;
+#pragma unroll
+  for (int i = 2 * h; i < kValues; i += (i % 2 == 0 ? 1 : 3)) {  // i = e + 2h + 4n
+    lo = fminf(lo, acc(i));
+    hi = fmaxf(hi, acc(i));
+  }
+  lo = quad_min(lo);
+  hi = quad_max(hi);
+  const bool finite = isfinite(lo) && isfinite(hi);
+  for (int step = 0; step < kBisections; ++step) {
+    const float mid = lo + (hi - lo) * 0.5f;
+    int count = 0;
+#pragma unroll
+    for (int i = 2 * h; i < kValues; i += (i % 2 == 0 ? 1 : 3)) count += !(acc(i) < mid);
+    count = quad_sum(count);
+    if (finite && mid > lo && mid < hi) {
+      if (count >= k) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+  }
+  return finite ? lo : -INFINITY;
+}
+
+// Scores of one tile; columns at or beyond col_end (zero-padded in the last tile) pass the gate
+// like any other but are dropped when inserted.
 template <bool kBinary, class Acc>
-__device__ __forceinline__ void epilogue(Acc& acc, RowsOfThread& rows, const Params& p, int64_t col0, int cols_here,
-                                         float* lv, int* li, float* sv, int* si) {
+__device__ __forceinline__ void epilogue(Acc& acc, RowsOfThread& rows, const Params& p, int64_t col0, int64_t col_end,
+                                         bool first_tile, float* lv, int* li, float* sv, int* si) {
   const int lane = threadIdx.x % 32, pair = 2 * (lane % 4);
-  // z = (acc + b) - theta, or ReLU(acc + b) keeping NaN, in place; `any`: some score reaches tau.
-  bool any = false;
+  // z = (acc + b) - theta, or ReLU(acc + b) keeping NaN, in place.
 #pragma unroll
   for (int n = 0; n < kValues / 4; ++n) {
     const int64_t col = col0 + 8 * n + pair;  // even; the bias array is padded to whole tiles
@@ -157,53 +206,60 @@ __device__ __forceinline__ void epilogue(Acc& acc, RowsOfThread& rows, const Par
       for (int e = 0; e < 2; ++e) {
         const int i = e + 2 * h + 4 * n;
         const float pre = acc(i) + b[e];
-        const float z = kBinary ? pre - th[e] : (pre < 0.f ? 0.f : pre);
-        acc(i) = z;
-        any |= !(z < rows.tau[h]);
+        acc(i) = kBinary ? pre - th[e] : (pre < 0.f ? 0.f : pre);
       }
   }
-  if (!__any_sync(kFullMask, any)) return;
-
-  // Some scores pass: compact them into the rows' staging buffers (quad prefix sums over ballots),
-  // insert, and rescan from where a buffer filled up.
-  const unsigned below = (1u << (lane % 4)) - 1u, quad_shift = lane & ~3;
-  int start = 0;  // first value index not yet offered (identical in the quad)
-  while (__any_sync(kFullMask, start < kValues)) {
-    int count[2] = {0, 0};
-    int stop = kValues;
-#pragma unroll
-    for (int i = 0; i < kValues; ++i) {
-      const int h = (i / 2) % 2, c = frag_col(lane, i);
-      const bool live = i >= start && i < stop;
-      const bool pass = live && rows.valid[h] && c < cols_here && !(acc(i) < rows.tau[h]);
-      const unsigned quad = (__ballot_sync(kFullMask, pass) >> quad_shift) & 0xfu;
-      const int num = __popc(quad);
-      if (live && count[h] + num > kStaged) {
-        stop = i;  // the quad's buffer is full: offer from here on the next pass
-      } else if (num > 0) {
-        if (pass) {
-          const int slot = rows.local[h] * kStaged + count[h] + __popc(quad & below);
-          sv[slot] = acc(i);
-          si[slot] = static_cast<int>(col0 + c);
-        }
-        count[h] += num;
-      }
-    }
-    __syncwarp();
+  if (first_tile && col_end - col0 >= kCols) {  // empty lists: start the gate near the tile's k-th best
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int most = __reduce_max_sync(kFullMask, count[h]);
-      const int row = rows.local[h];
-      for (int e = 0; e < most; ++e) {
-        const bool has = e < count[h];
-        const float cv = has ? sv[row * kStaged + e] : 0.f;
-        const int ci = has ? si[row * kStaged + e] : 0;
-        quad_offer(lv + row * p.k, li + row * p.k, p.k, rows.top[h], cv, ci, has);
-      }
-      rows.tau[h] = !rows.valid[h] ? INFINITY : rows.top[h].count < p.k ? -INFINITY : rows.top[h].wv;
+      const float bound = tile_kth_lower_bound(acc, h, p.k);
+      if (rows.tau[h] != INFINITY) rows.tau[h] = bound;
     }
-    __syncwarp();  // the staging buffers are refilled by the next pass
+  }
+
+  // Survivors (!(z < tau)) go to this thread's kStaged staging slots. When they are full the scan
+  // remembers the first score it could not stage; the staged ones are inserted (tau rises) and the
+  // scan resumes there.
+  int start = 0;
+  for (;;) {
+    if (!__any_sync(kFullMask, start < kValues)) break;
+    int count = 0, stop = kValues;
+#pragma unroll
+    for (int i = 0; i < kValues; ++i) {
+      const int h = (i / 2) % 2;
+      if (i >= start && !(acc(i) < rows.tau[h])) {
+        if (count < kStaged) {
+          const unsigned col = static_cast<unsigned>(col0 + frag_col(lane, i));
+          sv[count * kConsumerThreads] = acc(i);
+          si[count * kConsumerThreads] = static_cast<int>(col | (unsigned(h) << 31));
+          ++count;
+        } else {
+          stop = min(stop, i);
+        }
+      }
+    }
     start = stop;
+    if (!__any_sync(kFullMask, count > 0)) break;
+    // Insert: the quad's lanes take turns, each staged entry into the list of its row.
+    __syncwarp();
+    const int most = __reduce_max_sync(kFullMask, count);
+    for (int e = 0; e < most; ++e) {
+      const float mine_v = e < count ? sv[e * kConsumerThreads] : 0.f;
+      const int mine_code = e < count ? si[e * kConsumerThreads] : kNoCandidate;
+#pragma unroll 1
+      for (int src = 0; src < 4; ++src) {
+        const float cv = __shfl_sync(kFullMask, mine_v, (lane & ~3) | src);
+        const int code = __shfl_sync(kFullMask, mine_code, (lane & ~3) | src);
+        const int col = code & 0x7fffffff, h = static_cast<int>(static_cast<unsigned>(code) >> 31);
+        const bool has = code != kNoCandidate && col < col_end;
+        quad_offer(lv + rows.local[0] * p.k, li + rows.local[0] * p.k, p.k, rows.top[0], cv, col, has && h == 0);
+        quad_offer(lv + rows.local[1] * p.k, li + rows.local[1] * p.k, p.k, rows.top[1], cv, col, has && h == 1);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      if (rows.top[h].count >= p.k) rows.tau[h] = fmaxf(rows.tau[h], rows.top[h].wv);
+    __syncwarp();  // the staging slots are refilled by the next scan
   }
 }
 
@@ -219,11 +275,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto stage_b = [&](int s) { return reinterpret_cast<E*>(smem + size_t(s) * kStageBytes) + kRows * kBK; };
   float* list_v = reinterpret_cast<float*>(smem + size_t(stages) * kStageBytes);  // [consumer][row][k]
   int* list_i = reinterpret_cast<int*>(list_v + 2 * kRows * k);
-  float* staged_v = reinterpret_cast<float*>(list_i + 2 * kRows * k);  // [consumer][row][kStaged]
-  int* staged_i = reinterpret_cast<int*>(staged_v + 2 * kRows * kStaged);
-  uint64_t* full = reinterpret_cast<uint64_t*>(staged_i + 2 * kRows * kStaged);  // TMA landed
+  float* staged_v = reinterpret_cast<float*>(list_i + 2 * kRows * k);  // [slot][consumer thread]
+  int* staged_i = reinterpret_cast<int*>(staged_v + kConsumerThreads * kStaged);
+  uint64_t* full = reinterpret_cast<uint64_t*>(staged_i + kConsumerThreads * kStaged);  // TMA landed
   uint64_t* empty = full + stages;                                                 // consumer done
 
+  // Named barriers 8 + {0, 1} order the consumers' MMA phases, 8 + 2 joins them before the merge
+  // (CUTLASS's NamedBarrier numbers user barriers from 8, leaving 0..7 to itself).
+  constexpr unsigned kOrderBarrier = 0, kConsumersBarrier = 2;
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128, warp = tid / 32, lane = threadIdx.x % 32;
   const int64_t row0 = int64_t(blockIdx.x) * kRows;
   const int64_t col_begin = int64_t(blockIdx.y) * p.chunk_cols;
@@ -274,8 +333,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int c = wg - 1;
     float* lv = list_v + c * kRows * k;
     int* li = list_i + c * kRows * k;
-    float* sv = staged_v + c * kRows * kStaged;
-    int* si = staged_i + c * kRows * kStaged;
+    float* sv = staged_v + threadIdx.x - 128;  // this thread's slots, kConsumerThreads apart
+    int* si = staged_i + threadIdx.x - 128;
     // This warp's 16 rows: empty lists (only this warp touches them until the merge).
     for (int e = lane; e < 16 * k; e += 32) {
       lv[16 * warp * k + e] = -INFINITY;
@@ -286,8 +345,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       rows.local[h] = frag_row(tid, 2 * h);
-      rows.valid[h] = row0 + rows.local[h] < p.N;
-      rows.tau[h] = rows.valid[h] ? -INFINITY : INFINITY;
+      rows.tau[h] = row0 + rows.local[h] < p.N ? -INFINITY : INFINITY;  // +inf: only NaN passes
       rows.top[h] = QuadTopk{0, -INFINITY, kEmptyIndex, 0};
     }
 
@@ -335,11 +393,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       ring.advance(nk);  // the other consumer's tile
 
       const int64_t col0 = col_begin + int64_t(j) * kCols;
-      const int cols_here = static_cast<int>(min(int64_t(kCols), col_end - col0));
+      const bool first = j == c;
       if (p.binary) {
-        epilogue<true>(acc, rows, p, col0, cols_here, lv, li, sv, si);
+        epilogue<true>(acc, rows, p, col0, col_end, first, lv, li, sv, si);
       } else {
-        epilogue<false>(acc, rows, p, col0, cols_here, lv, li, sv, si);
+        epilogue<false>(acc, rows, p, col0, col_end, first, lv, li, sv, si);
       }
     }
 
