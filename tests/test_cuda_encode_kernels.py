@@ -175,7 +175,7 @@ def epilogue_quad(z, col0, col_end, first_tile, state, tau, staged_cap):
                 h = (i // 2) % 2
                 if i >= start[p] and not (z[p][i] < tau[h]):
                     if len(staged[p]) < staged_cap:
-                        staged[p].append((z[p][i], col0 + frag_col(p, i), h))
+                        staged[p].append((z[p][i], frag_col(0, i) | (h << 8)))  # the kernel's staged code
                     else:
                         stop = min(stop, i)
             start[p] = stop
@@ -184,7 +184,8 @@ def epilogue_quad(z, col0, col_end, first_tile, state, tau, staged_cap):
         for e in range(max(len(s) for s in staged)):
             for p in range(4):  # the quad's lanes take turns
                 if e < len(staged[p]):
-                    v, col, h = staged[p][e]
+                    v, code = staged[p][e]
+                    col, h = col0 + 2 * p + (code & 0xFF), code >> 8
                     if col < col_end:
                         state[h].offer(v, col)
         for h in range(2):

@@ -47,15 +47,16 @@ constexpr int kCols = kSm90Cols;
 constexpr int kBK = 64;                      // 64 16-bit elements = one 128-byte swizzle row
 constexpr int kThreads = 384;                // producer + 2 consumer warpgroups
 constexpr int kMaxStages = 4;
-constexpr int kStaged = 8;                   // staging slots per consumer thread (a cache, see above)
+constexpr int kStaged = 6;                   // staging slots per consumer thread (a cache, see above)
 constexpr int kConsumerThreads = 256;
-constexpr int kBisections = 12;              // steps of the first tile's lower bound on the k-th best
+[[maybe_unused]] constexpr int kBisections = 12;  // steps of the first tile's lower bound on the k-th best
 constexpr int kStageBytes = (kRows + kCols) * kBK * 2;  // 40 KiB, a multiple of 1024
 constexpr int kAlign = 1024;                 // swizzle-128B tiles start on a 1024-byte boundary
 constexpr int kValues = kRows * kCols / 128;  // accumulators per consumer thread (128)
 
 size_t smem_bytes(int k, int stages) {
   return kAlign + size_t(stages) * kStageBytes + size_t(2) * kRows * k * 8 + size_t(kConsumerThreads) * kStaged * 8 +
+         size_t(2) * kRows * sizeof(QuadTopk) +
          size_t(2) * stages * sizeof(uint64_t);
 }
 
@@ -128,13 +129,15 @@ static_assert(fragment_map_matches<Layouts<cutlass::half_t>::Atom>(), "wgmma acc
 // Epilogue of one consumer's tile: scores in place, gate, compaction, exact insertion.
 // ---------------------------------------------------------------------------------------------
 
+// The thread's two rows in the 64-row block (16w + l/4 and + 8) and their gates: scores below tau
+// cannot enter the row's top-k (+inf for rows >= N). The rows' list states (QuadTopk) stay in
+// shared memory between insertions, to leave registers to the 128 accumulators.
 struct RowsOfThread {
-  int local[2];     // the thread's two rows in the 64-row block: 16w + l/4 and + 8
-  float tau[2];     // gate: scores below it cannot enter the row's top-k; +inf for rows >= N
-  QuadTopk top[2];  // the row's list state (identical in the quad)
+  int local[2];
+  float tau[2];
 };
 
-constexpr int kNoCandidate = 0x7fffffff;  // staged code of "nothing": no latent has this index
+[[maybe_unused]] constexpr int kNoCandidate = -1;  // staged code of "nothing" (codes are >= 0)
 
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(kFullMask, v, 1));
@@ -165,6 +168,7 @@ __device__ __forceinline__ float tile_kth_lower_bound(const Acc& acc, int h, int
   lo = quad_min(lo);
   hi = quad_max(hi);
   const bool finite = isfinite(lo) && isfinite(hi);
+#pragma unroll 1
   for (int step = 0; step < kBisections; ++step) {
     const float mid = lo + (hi - lo) * 0.5f;
     int count = 0;
@@ -186,7 +190,7 @@ __device__ __forceinline__ float tile_kth_lower_bound(const Acc& acc, int h, int
 // like any other but are dropped when inserted.
 template <bool kBinary, class Acc>
 __device__ __forceinline__ void epilogue(Acc& acc, RowsOfThread& rows, const Params& p, int64_t col0, int64_t col_end,
-                                         bool first_tile, float* lv, int* li, float* sv, int* si) {
+                                         bool first_tile, float* lv, int* li, float* sv, int* si, QuadTopk* tops) {
   const int lane = threadIdx.x % 32, pair = 2 * (lane % 4);
   // z = (acc + b) - theta, or ReLU(acc + b) keeping NaN, in place.
 #pragma unroll
@@ -219,22 +223,32 @@ __device__ __forceinline__ void epilogue(Acc& acc, RowsOfThread& rows, const Par
 
   // Survivors (!(z < tau)) go to this thread's kStaged staging slots. When they are full the scan
   // remembers the first score it could not stage; the staged ones are inserted (tau rises) and the
-  // scan resumes there.
+  // scan resumes there. Scores are compared 8 at a time, and only a group with a survivor branches
+  // to the staging code (about 2 instructions per score when nothing survives).
   int start = 0;
   for (;;) {
     if (!__any_sync(kFullMask, start < kValues)) break;
     int count = 0, stop = kValues;
 #pragma unroll
-    for (int i = 0; i < kValues; ++i) {
-      const int h = (i / 2) % 2;
-      if (i >= start && !(acc(i) < rows.tau[h])) {
-        if (count < kStaged) {
-          const unsigned col = static_cast<unsigned>(col0 + frag_col(lane, i));
-          sv[count * kConsumerThreads] = acc(i);
-          si[count * kConsumerThreads] = static_cast<int>(col | (unsigned(h) << 31));
-          ++count;
-        } else {
-          stop = min(stop, i);
+    for (int g = 0; g < kValues; g += 8) {
+      bool group = false;
+#pragma unroll
+      for (int i = g; i < g + 8; ++i) group |= !(acc(i) < rows.tau[(i / 2) % 2]);
+      if (group) {
+#pragma unroll
+        for (int i = g; i < g + 8; ++i) {
+          const int h = (i / 2) % 2;
+          if (i >= start && !(acc(i) < rows.tau[h])) {
+            if (count < kStaged) {
+              // A compile-time code (the column 8n + e within the lane's pair, and the row), so that
+              // no register holds it: the insertion adds col0 + 2 (lane % 4).
+              sv[count * kConsumerThreads] = acc(i);
+              si[count * kConsumerThreads] = frag_col(0, i) | (h << 8);
+              ++count;
+            } else {
+              stop = min(stop, i);
+            }
+          }
         }
       }
     }
@@ -242,6 +256,7 @@ __device__ __forceinline__ void epilogue(Acc& acc, RowsOfThread& rows, const Par
     if (!__any_sync(kFullMask, count > 0)) break;
     // Insert: the quad's lanes take turns, each staged entry into the list of its row.
     __syncwarp();
+    QuadTopk top[2] = {tops[rows.local[0]], tops[rows.local[1]]};
     const int most = __reduce_max_sync(kFullMask, count);
     for (int e = 0; e < most; ++e) {
       const float mine_v = e < count ? sv[e * kConsumerThreads] : 0.f;
@@ -250,16 +265,26 @@ __device__ __forceinline__ void epilogue(Acc& acc, RowsOfThread& rows, const Par
       for (int src = 0; src < 4; ++src) {
         const float cv = __shfl_sync(kFullMask, mine_v, (lane & ~3) | src);
         const int code = __shfl_sync(kFullMask, mine_code, (lane & ~3) | src);
-        const int col = code & 0x7fffffff, h = static_cast<int>(static_cast<unsigned>(code) >> 31);
-        const bool has = code != kNoCandidate && col < col_end;
-        quad_offer(lv + rows.local[0] * p.k, li + rows.local[0] * p.k, p.k, rows.top[0], cv, col, has && h == 0);
-        quad_offer(lv + rows.local[1] * p.k, li + rows.local[1] * p.k, p.k, rows.top[1], cv, col, has && h == 1);
+        const int64_t column = col0 + 2 * src + (code & 0xff);
+        const int col = static_cast<int>(column), h = code >> 8;
+        const bool has = code != kNoCandidate && column < col_end;
+        // The state of the candidate's row, picked by selects (no register array indexed at run time).
+        QuadTopk row_top = h == 1 ? top[1] : top[0];
+        const int row = h == 1 ? rows.local[1] : rows.local[0];
+        quad_offer(lv + row * p.k, li + row * p.k, p.k, row_top, cv, col, has);
+        if (h == 1) {
+          top[1] = row_top;
+        } else {
+          top[0] = row_top;
+        }
       }
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
-      if (rows.top[h].count >= p.k) rows.tau[h] = fmaxf(rows.tau[h], rows.top[h].wv);
-    __syncwarp();  // the staging slots are refilled by the next scan
+    for (int h = 0; h < 2; ++h) {
+      if (top[h].count >= p.k) rows.tau[h] = fmaxf(rows.tau[h], top[h].wv);
+      if ((lane & 3) == 0) tops[rows.local[h]] = top[h];
+    }
+    __syncwarp();  // the staging slots are refilled by the next scan; the states are read again
   }
 }
 
@@ -277,7 +302,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   int* list_i = reinterpret_cast<int*>(list_v + 2 * kRows * k);
   float* staged_v = reinterpret_cast<float*>(list_i + 2 * kRows * k);  // [slot][consumer thread]
   int* staged_i = reinterpret_cast<int*>(staged_v + kConsumerThreads * kStaged);
-  uint64_t* full = reinterpret_cast<uint64_t*>(staged_i + kConsumerThreads * kStaged);  // TMA landed
+  QuadTopk* tops = reinterpret_cast<QuadTopk*>(staged_i + kConsumerThreads * kStaged);  // [consumer][row]
+  uint64_t* full = reinterpret_cast<uint64_t*>(tops + 2 * kRows);                        // TMA landed
   uint64_t* empty = full + stages;                                                 // consumer done
 
   // Named barriers 8 + {0, 1} order the consumers' MMA phases, 8 + 2 joins them before the merge
@@ -341,13 +367,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       li[16 * warp * k + e] = kEmptyIndex;
     }
     __syncwarp();
+    QuadTopk* my_tops = tops + c * kRows;
     RowsOfThread rows;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       rows.local[h] = frag_row(tid, 2 * h);
       rows.tau[h] = row0 + rows.local[h] < p.N ? -INFINITY : INFINITY;  // +inf: only NaN passes
-      rows.top[h] = QuadTopk{0, -INFINITY, kEmptyIndex, 0};
+      if (lane % 4 == 0) my_tops[rows.local[h]] = QuadTopk{0, -INFINITY, kEmptyIndex, 0};
     }
+    __syncwarp();
 
     auto mma = make_tiled_mma(typename L::Atom{});
     auto thr = mma.get_thread_slice(tid);
@@ -395,9 +423,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int64_t col0 = col_begin + int64_t(j) * kCols;
       const bool first = j == c;
       if (p.binary) {
-        epilogue<true>(acc, rows, p, col0, col_end, first, lv, li, sv, si);
+        epilogue<true>(acc, rows, p, col0, col_end, first, lv, li, sv, si, my_tops);
       } else {
-        epilogue<false>(acc, rows, p, col0, col_end, first, lv, li, sv, si);
+        epilogue<false>(acc, rows, p, col0, col_end, first, lv, li, sv, si, my_tops);
       }
     }
 
