@@ -231,6 +231,35 @@ def test_library_embeds_ptx_for_newer_gpus():
 
 
 # ---------------------------------------------------------------------------------------------
+# Build configuration (binsparse_kernels/_cuda_build.py, used by setup.py and the JIT path)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_targets_are_sm80_with_ptx_and_sm90a(monkeypatch):
+    from binsparse_kernels import _cuda_build
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    before = dict(os.environ)
+    flags = _cuda_build.nvcc_flags()
+    assert dict(os.environ) == before, "building must not change the environment"
+    assert "-gencode=arch=compute_80,code=sm_80" in flags and "-gencode=arch=compute_80,code=compute_80" in flags
+    assert "-gencode=arch=compute_90a,code=sm_90a" in flags and "-DBINSPARSE_SM90A" in flags
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6;9.0+PTX")  # no 9.0a: no Hopper kernel
+    flags = _cuda_build.nvcc_flags()
+    assert "-DBINSPARSE_SM90A" not in flags and "-gencode=arch=compute_90,code=compute_90" in flags
+    with pytest.raises(ValueError, match="sm_90"):
+        _cuda_build.gencode_flags("sm_90")
+
+
+def test_cutlass_headers_come_from_the_nvidia_cutlass_wheel():
+    from binsparse_kernels import _cuda_build
+
+    include = _cuda_build.cutlass_include()
+    assert os.path.isfile(os.path.join(include, "cute", "tensor.hpp"))
+    assert os.path.isfile(os.path.join(include, "cutlass", "arch", "barrier.h"))
+
+
+# ---------------------------------------------------------------------------------------------
 # Without the extension or without a GPU
 # ---------------------------------------------------------------------------------------------
 

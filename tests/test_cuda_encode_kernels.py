@@ -237,7 +237,7 @@ CASES = {
 @pytest.mark.parametrize("staged_cap", [K_STAGED, 4], ids=["kernel_staging", "tiny_staging"])
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("M,k", [(300, 1), (700, 32), (1100, 128), (256, 64), (512, 128), (129, 100)])
-def test_sm90_epilogue_model_is_an_exact_topk(M, k, case, staged_cap):
+def test_hopper_epilogue_model_is_an_exact_topk(M, k, case, staged_cap):
     rng = np.random.default_rng(M * 1000 + k)
     scores = CASES[case](rng, M)
     if k > M:
@@ -248,7 +248,7 @@ def test_sm90_epilogue_model_is_an_exact_topk(M, k, case, staged_cap):
         assert same(got[h], want), (case, h, got[h][:5], want[:5])
 
 
-def test_sm90_epilogue_model_skips_rows_beyond_n():
+def test_hopper_epilogue_model_skips_rows_beyond_n():
     # A row beyond N (tau = +inf, valid = False) stages nothing and keeps an empty list.
     z = [[1.0] * VALUES for _ in range(4)]
     state, tau = [QuadTopk(3), QuadTopk(3)], [-math.inf, math.inf]

@@ -8,7 +8,7 @@
 //   chunk, BN latents at a time: tensor cores (ldmatrix + mma.sync m16n8k16, fp32 accumulate) for
 //   bf16/fp16 and SIMT FMAs for fp32 (fp32 math, as the reference). The accumulator tile goes to
 //   shared memory and the epilogue adds the bias, subtracts theta or applies ReLU, and offers every
-//   value to its row's running top-k (warp_offer in common.cuh: only values beating the row's current
+//   value to its row's running top-k (warp_offer in topk.cuh: only values beating the row's current
 //   k-th are inserted).
 // Each CTA writes an exact top-k per row: sorted straight into the output when one chunk covers all
 // latents, else as a partial list that a small merge kernel combines with the others in a fixed
