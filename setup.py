@@ -3,14 +3,19 @@
 * ``binsparse_kernels._C``: the CPU kernels (csrc/cpu), always built.
 * ``binsparse_kernels._C_cuda``: the CUDA kernels (csrc/cuda), built when a CUDA toolkit and a CUDA
   build of torch are present. ``BINSPARSE_BUILD_CUDA=1`` forces it (and fails loudly if it cannot),
-  ``BINSPARSE_BUILD_CUDA=0`` skips it. ``TORCH_CUDA_ARCH_LIST`` picks the GPU targets
-  (default ``8.0;9.0a``: Ampere and Hopper, with wgmma on Hopper).
+  ``BINSPARSE_BUILD_CUDA=0`` skips it. ``TORCH_CUDA_ARCH_LIST`` picks the GPU targets (default
+  ``8.0+PTX;9.0a``: Ampere machine code and PTX, which newer GPUs compile at load time, and Hopper's
+  wgmma/TMA encode kernel). Flags and targets: ``binsparse_kernels/_cuda_build.py``.
+* The CUTLASS/CuTe headers of the Hopper kernel come from the ``nvidia-cutlass`` wheel on PyPI
+  (``cutlass_library/source/include``, found with importlib at build time; it is listed in
+  requirements.txt and in pyproject.toml's build requirements).
 
 torch must be installed first; install with ``pip install --no-build-isolation .`` so the
 extension is built against the torch you run.
 """
 
 import glob
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
@@ -19,6 +24,14 @@ import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def load_cuda_build():
+    """binsparse_kernels/_cuda_build.py, loaded by path: the package itself is not importable yet."""
+    spec = importlib.util.spec_from_file_location("_cuda_build", os.path.join(HERE, "binsparse_kernels", "_cuda_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rel(pattern):
@@ -53,15 +66,13 @@ ext_modules = [
     )
 ]
 if build_cuda():
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    cuda_build = load_cuda_build()
     ext_modules.append(
         CUDAExtension(
             "binsparse_kernels._C_cuda",
             rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu"),
-            extra_compile_args={
-                "cxx": ["-O3"],
-                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
-            },
+            include_dirs=[cuda_build.cutlass_include()],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": cuda_build.nvcc_flags()},
         )
     )
 

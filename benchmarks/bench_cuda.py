@@ -14,6 +14,8 @@ with its own pair of CUDA events after ``--warmup`` untimed runs. Measured per s
 * ``index_add bwd``: the reference trainer's sparse backward: gather-dot for the latent gradients,
   then ``[N*k, d]`` products ``index_add_``-ed into float32 weight gradients (decoder and encoder),
   in chunks of 4096 tokens.
+* ``cuda encode sm80`` / ``cuda encode sm90``: the CUDA backend's encode with each fused kernel forced
+  (``BINSPARSE_CUDA_ENCODE``; sm90 only on compute capability 9.0), side by side with ``gemm``.
 * per backend (``cuda``, ``triton`` where available): ``encode`` (binary top-k), ``decode`` (binary
   with b_dec), ``decode bwd`` (grad_acts + grad_W_dec), ``encode bwd`` (sigmoid STE, grad_W_enc +
   grad_b_enc, no grad_x), and ``step`` = encode + decode + MSE + backward through the public API.
@@ -93,6 +95,21 @@ def bench_shape(d, M, args, dtype, names):
             torch.autograd.grad(loss, leaves)
 
         out[pre + "step"] = time_ms(step, R, W)
+
+    if "cuda" in names:  # each fused encode kernel of the CUDA backend, forced
+        impl = backends.get("cuda", x.device)
+        kernels = ["sm80"] + (["sm90"] if torch.cuda.get_device_capability() == (9, 0) else [])
+        for kernel in kernels:
+            previous = os.environ.get("BINSPARSE_CUDA_ENCODE")
+            os.environ["BINSPARSE_CUDA_ENCODE"] = kernel
+            try:
+                out[f"cuda encode {kernel}"] = time_ms(
+                    lambda: impl.encode_forward(x, W_enc_c, b_enc, theta, k, True), R, W)
+            finally:
+                if previous is None:
+                    del os.environ["BINSPARSE_CUDA_ENCODE"]
+                else:
+                    os.environ["BINSPARSE_CUDA_ENCODE"] = previous
     return out
 
 

@@ -5,6 +5,11 @@
   it, otherwise the fatbin headers of the ``.nv_fatbin`` section are read), it imports on this
   machine (no GPU needed to load it) and registers the four ``binsparse::cuda_*`` ops, and their
   fake implementations give the shapes and dtypes the kernels produce, on fake CUDA tensors.
+* The machine code of the built library (cubins extracted with cuobjdump from the nvidia-cuda-cuobjdump
+  wheel, read with benchmarks/sass.py): the Hopper encode kernel runs on wgmma (``HGMMA``) fed by TMA
+  (``UTMALDG``) with warpgroup register reallocation (``USETMAXREG``); the sm_80 encode kernel loads
+  its bf16 and fp16 fragments with ``ldmatrix`` (``LDSM``) and no generic ``LD``; no kernel of either
+  target uses local memory (no spills, no stack); sm_80 PTX is embedded, so newer GPUs can JIT it.
 * Always: without the extension, ``backends.cuda`` raises an ImportError that says how to build it,
   and without a GPU the registry reports the backend unavailable instead of failing.
 """
@@ -17,6 +22,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -89,10 +95,11 @@ def fatbin_targets(path: str) -> set[str]:
 @needs_build
 @needs_toolkit
 def test_library_has_sm80_and_sm90a_code():
-    cuobjdump = shutil.which("cuobjdump") or os.path.join(cuda_home(), "bin", "cuobjdump")
+    tool = shutil.which("cuobjdump") or os.path.join(cuda_home(), "bin", "cuobjdump")
+    tool = tool if os.path.exists(tool) else cuobjdump()
     for so in SO:
-        if os.path.exists(cuobjdump):  # lines like "ELF file 2: _C_cuda.2.sm_90a.cubin"
-            listing = subprocess.run([cuobjdump, "--list-elf", so], capture_output=True, text=True, timeout=60).stdout
+        if tool is not None:  # lines like "ELF file 2: _C_cuda.2.sm_90a.cubin"
+            listing = subprocess.run([tool, "--list-elf", so], capture_output=True, text=True, timeout=60).stdout
             assert ".sm_80." in listing and ".sm_90a." in listing, listing
         else:
             targets = fatbin_targets(so)
@@ -137,6 +144,119 @@ def test_fake_implementations_on_fake_cuda_tensors():
         ga, gWd = cuda_backend.decode_backward(torch.empty(5, 6, **c), i, g, torch.empty(20, 6, **c), False, False,
                                                True)
         assert ga is None and gWd.shape == (20, 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine code
+# ---------------------------------------------------------------------------------------------
+
+
+def cuobjdump() -> str | None:
+    try:
+        sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+        import sass
+
+        return sass._tool("cuobjdump")
+    except (ImportError, FileNotFoundError):
+        return None
+    finally:
+        sys.path.pop(0)
+
+
+needs_cuobjdump = pytest.mark.skipif(cuobjdump() is None, reason="no cuobjdump (pip install nvidia-cuda-cuobjdump)")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """{arch: {kernel name: (instructions, resources)}} of every cubin in the built library."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import sass
+
+    sys.path.pop(0)
+    found = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([cuobjdump(), "-xelf", "all", SO[0]], cwd=tmp, check=True, capture_output=True, timeout=120)
+        for name in sorted(os.listdir(tmp)):
+            arch = name.split(".")[-2]  # <library>.<n>.sm_90a.cubin
+            cubin = open(os.path.join(tmp, name), "rb").read()
+            res = sass.resources(cubin)
+            for kernel, instrs in sass.parse(sass.disassemble(cubin)).items():
+                found.setdefault(arch, {})[kernel] = (instrs, res.get(kernel))
+    return found
+
+
+def opcodes(instrs, base: str) -> list[str]:
+    return [i.opcode for i in instrs if i.base == base]
+
+
+@needs_build
+@needs_cuobjdump
+def test_sm90_encode_kernel_runs_on_wgmma_fed_by_tma(kernels):
+    sm90 = {name: v for name, v in kernels["sm_90a"].items() if "encode_sm90_kernel" in name}
+    assert len(sm90) == 2, f"expected the bf16 and fp16 Hopper encode kernels, found {sorted(sm90)}"
+    for name, (instrs, _) in sm90.items():
+        wgmma = [i.opcode + i.operands for i in instrs if i.base == "HGMMA"]  # the parser stops at "x"
+        assert wgmma and all(op.startswith("HGMMA.64x256x16.F32") for op in wgmma), (name[:80], wgmma[:2])
+        assert opcodes(instrs, "UTMALDG"), f"{name[:80]}: no TMA loads"
+        assert opcodes(instrs, "USETMAXREG"), f"{name[:80]}: no warpgroup register reallocation"
+        assert not opcodes(instrs, "HMMA"), f"{name[:80]}: mma.sync on the Hopper path"
+
+
+@needs_build
+@needs_cuobjdump
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_sm80_encode_main_loop_loads_fragments_with_ldmatrix(kernels, arch):
+    for dtype, mma in [("nv_bfloat16", "HMMA.16816.F32.BF16"), ("half", "HMMA.16816.F32")]:
+        [instrs] = [v[0] for name, v in kernels[arch].items() if "encode_topk_kernel" in name and dtype in name]
+        assert opcodes(instrs, "HMMA").count(mma) >= 16, (dtype, opcodes(instrs, "HMMA")[:4])
+        assert len(opcodes(instrs, "LDSM")) >= 8, f"{dtype}: fragments not loaded with ldmatrix"
+        assert not opcodes(instrs, "LD"), f"{dtype}: generic loads {opcodes(instrs, 'LD')[:4]}"
+
+
+@needs_build
+@needs_cuobjdump
+def test_no_kernel_uses_local_memory(kernels):
+    for arch, found in kernels.items():
+        assert found, arch
+        for name, (instrs, res) in found.items():
+            assert res is not None and res["local"] == 0 and res["stack"] == 0, (arch, name[:80], res)
+            assert not opcodes(instrs, "LDL") and not opcodes(instrs, "STL"), (arch, name[:80])
+
+
+@needs_build
+@needs_cuobjdump
+def test_library_embeds_ptx_for_newer_gpus():
+    listing = subprocess.run([cuobjdump(), "--list-ptx", SO[0]], capture_output=True, text=True, timeout=60).stdout
+    assert ".sm_80.ptx" in listing, listing
+
+
+# ---------------------------------------------------------------------------------------------
+# Build configuration (binsparse_kernels/_cuda_build.py, used by setup.py and the JIT path)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_default_targets_are_sm80_with_ptx_and_sm90a(monkeypatch):
+    from binsparse_kernels import _cuda_build
+
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    before = dict(os.environ)
+    flags = _cuda_build.nvcc_flags()
+    assert dict(os.environ) == before, "building must not change the environment"
+    assert "-gencode=arch=compute_80,code=sm_80" in flags and "-gencode=arch=compute_80,code=compute_80" in flags
+    assert "-gencode=arch=compute_90a,code=sm_90a" in flags and "-DBINSPARSE_SM90A" in flags
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6;9.0+PTX")  # no 9.0a: no Hopper kernel
+    flags = _cuda_build.nvcc_flags()
+    assert "-DBINSPARSE_SM90A" not in flags and "-gencode=arch=compute_90,code=compute_90" in flags
+    with pytest.raises(ValueError, match="sm_90"):
+        _cuda_build.gencode_flags("sm_90")
+
+
+def test_cutlass_headers_come_from_the_nvidia_cutlass_wheel():
+    from binsparse_kernels import _cuda_build
+
+    include = _cuda_build.cutlass_include()
+    assert os.path.isfile(os.path.join(include, "cute", "tensor.hpp"))
+    assert os.path.isfile(os.path.join(include, "cutlass", "arch", "barrier.h"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,11 +7,14 @@ outputs back to ``None``.
 
 What the kernels do (details in ``benchmarks/CUDA_NOTES.md``):
 
-* encode: a GEMM tile loop (tensor cores for bf16/fp16, fp32 FMAs for fp32) whose epilogue adds
-  the bias, subtracts theta or applies ReLU and keeps a running exact top-k per row, so the N x M
-  pre-activations never reach global memory; latents are split across CTAs and the partial lists
-  are merged by a second kernel. Among equal scores the lowest latent index wins; each row comes
-  back sorted by decreasing value. k > 128 uses a chunked matmul + stable sort path.
+* encode: a GEMM tile loop whose epilogue adds the bias, subtracts theta or applies ReLU and keeps an
+  exact running top-k per row, so the N x M pre-activations never reach global memory. On compute
+  capability 9.0 with bf16/fp16 inputs: wgmma tiles fed by TMA, a producer and two ping-pong consumer
+  warpgroups, threshold-gated insertion; elsewhere (and for fp32): ldmatrix + mma.sync tiles (fp32
+  FMAs for fp32). ``BINSPARSE_CUDA_ENCODE=sm80|sm90`` forces one of the two. Latents are split
+  across CTAs when the rows alone do not fill the GPU, and the partial lists are merged by a second
+  kernel. Among equal scores the lowest latent index wins, NaN ranks first; each row comes back
+  sorted by decreasing value. k > 128 uses chunked GEMMs and an exact top-k on packed keys.
 * decode and backward: gathers with fp32 accumulators; weight gradients through a stable sort of
   the indices by latent, with large buckets cut into fixed segments; no atomics, so the results
   are bitwise reproducible.
@@ -42,9 +45,12 @@ def _load_extension():
         sources = sorted(glob.glob(os.path.join(root, "*.cpp")) + glob.glob(os.path.join(root, "*.cu")))
         if not sources:
             raise ImportError(f"BINSPARSE_CUDA_JIT=1 but no CUDA sources under {os.path.normpath(root)}") from missing
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        from .. import _cuda_build
+
+        # Explicit -gencode flags: TORCH_CUDA_ARCH_LIST is read, never set (it would change the
+        # targets of every extension built later in this process).
         load(name="binsparse_cuda_jit", sources=sources, extra_cflags=["-O3"],
-             extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr", "-lineinfo"])
+             extra_cuda_cflags=_cuda_build.nvcc_flags(), extra_include_paths=[_cuda_build.cutlass_include()])
         return
     raise ImportError(
         "the CUDA backend needs the compiled extension binsparse_kernels._C_cuda, which is not built "

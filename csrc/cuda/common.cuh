@@ -1,5 +1,5 @@
-// Shared pieces of the CUDA kernels: argument checks, dtype dispatch, float conversions,
-// vector loads and the warp-level running top-k used by the fused encoder and its merge.
+// Shared pieces of the CUDA kernels: argument checks, dtype dispatch, float conversions and
+// vector loads; the running top-k lists are in topk.cuh.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include "topk.cuh"
 
 #include <cstdint>
 #include <cstdlib>
@@ -156,73 +158,6 @@ __device__ __forceinline__ void store8(T* p, const float (&f)[8], bool vec, int 
 #pragma unroll
     for (int e = 0; e < 8; ++e)
       if (e < n) p[e] = from_f<T>(f[e]);
-  }
-}
-
-constexpr unsigned kFullMask = 0xffffffffu;
-
-// ---------------------------------------------------------------------------------------------
-// Warp-level running top-k. A row's list of k (value, index) pairs lives in shared memory and is
-// owned by one warp; (wv, wi, ws) is its worst entry (value, index, slot), identical in all lanes.
-// Order: a beats b iff a.v > b.v, or a.v == b.v and a.i < b.i (among equal values the lowest index
-// wins); NaN ranks above every number, as in torch.topk. This is a strict total order on distinct
-// indices, so the set kept after offering any sequence of candidates is exactly their top-k,
-// whatever the order they were offered in. Empty slots hold (-inf, INT_MAX), which every real
-// candidate beats.
-// ---------------------------------------------------------------------------------------------
-
-constexpr int kEmptyIndex = 0x7fffffff;
-
-__device__ __forceinline__ bool beats(float av, int ai, float bv, int bi) {
-  const bool an = av != av, bn = bv != bv;
-  if (an || bn) return an && (!bn || ai < bi);
-  return av > bv || (av == bv && ai < bi);
-}
-
-// Recomputes the worst entry of the list (lowest slot among identical entries, for determinism).
-__device__ __forceinline__ void warp_worst(const float* lv, const int* li, int k, float& wv, int& wi, int& ws) {
-  const int lane = threadIdx.x & 31;
-  float v = INFINITY;
-  int i = -1, s = -1;  // better than any entry: replaced by the first slot this lane scans
-  for (int slot = lane; slot < k; slot += 32) {
-    const float sv = lv[slot];
-    const int si = li[slot];
-    if (s < 0 || beats(v, i, sv, si)) {
-      v = sv; i = si; s = slot;
-    }
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float ov = __shfl_xor_sync(kFullMask, v, off);
-    const int oi = __shfl_xor_sync(kFullMask, i, off);
-    const int os = __shfl_xor_sync(kFullMask, s, off);
-    const bool other_worse = os >= 0 && (s < 0 || beats(v, i, ov, oi) || (ov == v && oi == i && os < s));
-    if (other_worse) {
-      v = ov; i = oi; s = os;
-    }
-  }
-  wv = v; wi = i; ws = s;
-}
-
-// Every lane offers one candidate (cv, ci) if `valid`; those that beat the current worst entry
-// replace it one at a time, in lane order.
-__device__ __forceinline__ void warp_offer(float* lv, int* li, int k, float& wv, int& wi, int& ws, float cv,
-                                           int ci, bool valid) {
-  unsigned mask = __ballot_sync(kFullMask, valid && beats(cv, ci, wv, wi));
-  while (mask) {
-    const int src = __ffs(mask) - 1;
-    mask &= mask - 1;
-    const float v = __shfl_sync(kFullMask, cv, src);
-    const int i = __shfl_sync(kFullMask, ci, src);
-    if (beats(v, i, wv, wi)) {  // warp-uniform: the worst entry may have risen since the ballot
-      if ((threadIdx.x & 31) == 0) {
-        lv[ws] = v;
-        li[ws] = i;
-      }
-      __syncwarp();
-      warp_worst(lv, li, k, wv, wi, ws);
-      __syncwarp();
-    }
   }
 }
 
