@@ -15,6 +15,7 @@
 #                                                                                   -> tests.log
 #   3 sanitizer  compute-sanitizer memcheck over one small case of every op of the CUDA and Triton
 #                backends (the first-use check's problem, every dtype)
+#     racecheck  racecheck + synccheck on both CUDA encode kernels (sm90 forced, sm80 forced), memcheck on sm80
 #   4 bench      `binsparse bench --preset quick` without the torch.compile baseline -> cuda-quick-*.json/csv
 #     bench-compile  the same cases, the torch.compile baseline alone (if time is left) -> cuda-quick-compile-*
 #   5 summary    one screen: each step's status and time and what it found             -> summary.txt
@@ -42,7 +43,7 @@ WHEELS="${GPU_CHECK_WHEELS:-$ROOT/.whl}"
 TOTAL_S="${GPU_CHECK_TOTAL_S:-470}"
 SUMMARY_RESERVE_S=10
 DEADLINE=$((SECONDS + TOTAL_S - SUMMARY_RESERVE_S))
-ALL_STEPS="install build doctor tests sanitizer bench bench-compile"
+ALL_STEPS="install build doctor tests sanitizer racecheck bench bench-compile"
 STEPS="${GPU_CHECK_STEPS:-$ALL_STEPS}"
 STAMP="$(date -u +%Y%m%dt%H%M%Sz)"
 export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PY SITE WHEELS
@@ -204,12 +205,31 @@ else
 fi
 run_step sanitizer 60 steps.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     "${SANITIZER[@]}" "$PY" -m binsparse_kernels doctor --quick --backends "$SANITIZED_BACKENDS"
-# --- racecheck (reserved for the CUDA backend's encode: shared-memory top-k merge) ---------------
-# Add here, as its own time-boxed step writing to steps.log, e.g.:
-#   run_step racecheck 60 steps.log compute-sanitizer --tool racecheck --error-exitcode 9 \
-#       "$PY" -m binsparse_kernels doctor --quick --backends cuda
-# and name `racecheck` in ALL_STEPS above.
-# -------------------------------------------------------------------------------------------------
+# 3b compute-sanitizer racecheck and synccheck on the CUDA encode kernels' shared-memory top-k (lists,
+# staging slots, merges): each fused kernel forced in turn (sm90 only on a capability-9.0 GPU), plus
+# memcheck on the sm_80 kernel, which the default dispatch does not pick on an H100.
+cuda_encode_sanitizers() {
+    local kernels=sm80 rc=0 kernel tool
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.get_device_capability() == (9, 0) else 1)" \
+        && kernels="sm90 sm80"
+    for kernel in $kernels; do
+        for tool in racecheck synccheck; do
+            echo "-- $tool, BINSPARSE_CUDA_ENCODE=$kernel"
+            BINSPARSE_CUDA_ENCODE=$kernel compute-sanitizer --tool "$tool" --error-exitcode 9 \
+                "$PY" -m binsparse_kernels doctor --quick --backends cuda || rc=$?
+        done
+    done
+    echo "-- memcheck, BINSPARSE_CUDA_ENCODE=sm80"
+    BINSPARSE_CUDA_ENCODE=sm80 PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+        --error-exitcode 9 "$PY" -m binsparse_kernels doctor --quick --backends cuda || rc=$?
+    return $rc
+}
+if [ "$REHEARSAL" = 1 ]; then
+    skip_in_rehearsal racecheck "compute-sanitizer racecheck/synccheck (+ memcheck of the sm_80 kernel) over \
+binsparse doctor --quick --backends cuda, BINSPARSE_CUDA_ENCODE=sm90 and sm80"
+else
+    run_step racecheck 90 steps.log cuda_encode_sanitizers
+fi
 
 # 4 the benchmark suite's quick preset: the backends and baselines first (what _PREFERENCE is decided
 # from), then the torch.compile baseline alone (it compiles every case: minutes), each its own JSON

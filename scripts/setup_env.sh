@@ -29,7 +29,7 @@ fi
 # The build takes minutes (the CUDA sources), so it is skipped when nothing it depends on changed:
 # the sources, setup.py, torch's version and the build switches.
 STAMP=".venv/.binsparse_build_stamp"
-FINGERPRINT="$( { cat setup.py; find csrc -type f | sort | xargs cat; \
+FINGERPRINT="$( { cat setup.py binsparse_kernels/_cuda_build.py; find csrc -type f | sort | xargs cat; \
     "$VPY" -c "import torch; print(torch.__version__)"; \
     echo "${CUDA_HOME:-} ${BINSPARSE_BUILD_CUDA:-} ${TORCH_CUDA_ARCH_LIST:-}"; } | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" = "$FINGERPRINT" ] && "$VPY" -c "import binsparse_kernels._C" 2>/dev/null; then
