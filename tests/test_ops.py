@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import binsparse_kernels as bk
 from helpers import (STES, assert_close_out, assert_topk_by_value, backend_params, check_coder, check_encoder_output,
-                     coder_case, dense_coder, dense_model, dense_z, device_for, make_params, score_slack)
+                     coder_case, dense_coder, dense_z, device_for, make_params)
 
 ENC_KEYS = ("x", "W_enc", "b_enc", "log_threshold", "W_dec", "b_dec")
 
