@@ -46,18 +46,21 @@ def coder_case(N, d_in, M, d_out=None, *, x_dtype=torch.float32, dtype=torch.flo
     """Parameters (``make_params``, no grad) and upstream gradients ``(G_acts [N, M], G_values [N, M],
     G_y [N, d_out])`` for ``check_coder``.
 
-    With a 16-bit x, W_dec and G_y lie on a coarse grid (multiples of 1/4 and 1/2): the decode
-    backward's float32 dot products are then exact, so every implementation rounds them to the same
-    16-bit act gradient. Otherwise a last-bit difference between two correct implementations, rounded
-    to 16 bits, would move the float32 weight gradients downstream by a 16-bit ulp.
+    With a 16-bit x, W_dec and G_y lie on grids (multiples of 1/32 and 1/256 in [-1, 1]): the decode
+    backward's float32 dot products are then exact (for d_out <= 2048), so every implementation
+    rounds them to the same 16-bit act gradient. Otherwise a last-bit difference between two correct
+    implementations, rounded to 16 bits, would move the float32 weight gradients downstream by a
+    16-bit ulp. The grids are fine enough that the decode's sums still need more than 8 bits (a bf16
+    accumulator fails).
     """
     d_out = d_out or d_in
+    assert d_out <= 2048
     p = make_params(N, d_in, M, d_out, dtype=dtype, x_dtype=x_dtype, device=device, threshold=threshold,
                     requires_grad=False)
     G_y = torch.randn(N, d_out, device=device)
     if x_dtype in LOW_PRECISION:
-        p["W_dec"] = (torch.randint(-4, 5, (M, d_out), device=device) / 4).to(dtype)
-        G_y = torch.randint(-2, 3, (N, d_out), device=device) / 2
+        p["W_dec"] = (torch.randint(-32, 33, (M, d_out), device=device) / 32).to(dtype)
+        G_y = torch.randint(-256, 257, (N, d_out), device=device) / 256
     return p, (torch.randn(N, M, device=device), torch.randn(N, M, device=device), G_y)
 
 
@@ -119,10 +122,6 @@ def dense_coder(p, indices, acts=None, *, binary=True, ste="sigmoid", temperatur
 def dense_model(p, indices, *, binary=True, ste="sigmoid", temperature=2.0, acts=None):
     """The decoded output ``y`` of ``dense_coder``."""
     return dense_coder(p, indices, acts, binary=binary, ste=ste, temperature=temperature)[2]
-
-
-def grads(loss, tensors):
-    return torch.autograd.grad(loss, tensors, allow_unused=True)
 
 
 # ---------------------------------------------------------------------------------------------
