@@ -13,6 +13,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The dense models the tests compare against are float32: no TF32 on a GPU, and no bf16 inside
+# oneDNN's fp32 matmul on CPUs that have it (set_float32_matmul_precision("medium") turns both on).
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.set_float32_matmul_precision("highest")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import binsparse_kernels as bk
-from helpers import make_params
+from helpers import assert_close_out, backend_params, device_for, make_params
 
 
 def params(N=8, d=6, M=20, d_out=None):
@@ -28,6 +29,13 @@ def encode_case(**overrides):
     args.update(overrides)
     return lambda: bk.topk_binary_encode(args["x"], args["W_enc"], args["b_enc"], args["log_threshold"], args["k"],
                                          **args.get("kw", {}))
+
+
+def topk_case(**overrides):
+    p = params()
+    args = {"x": p["x"], "W_enc": p["W_enc"], "b_enc": p["b_enc"], "k": 3}
+    args.update(overrides)
+    return lambda: bk.topk_encode(args["x"], args["W_enc"], args["b_enc"], args["k"], **args.get("kw", {}))
 
 
 def decode_case(**overrides):
@@ -53,7 +61,26 @@ BAD_INPUTS = {
     "k float": (encode_case(k=3.0), TypeError, "k must be an int"),
     "k bool": (encode_case(k=True), TypeError, "k must be an int"),
     "ste unknown": (encode_case(kw={"ste": "tanh"}), ValueError, "ste must be one of"),
+    "ste relu": (encode_case(kw={"ste": "relu"}), ValueError, "ste must be one of"),
     "temperature zero": (encode_case(kw={"temperature": 0.0}), ValueError, "temperature must be a positive"),
+    "temperature negative": (encode_case(kw={"temperature": -1.0}), ValueError, "temperature must be a positive"),
+    "temperature NaN": (encode_case(kw={"temperature": float("nan")}), ValueError, "temperature must be a positive"),
+    "temperature bool": (encode_case(kw={"temperature": True}), ValueError, "temperature must be a positive"),
+    "temperature tensor": (encode_case(kw={"temperature": torch.tensor(2.0)}), ValueError,
+                           "temperature must be a positive"),
+    "float64 triton": (encode_case(x=torch.randn(8, 6, dtype=torch.float64), kw={"backend": "triton"}), TypeError,
+                       "float64 inputs are supported by the 'reference' backend only, not 'triton'"),
+    "topk x 3-D": (topk_case(x=torch.randn(2, 4, 6)), ValueError, r"x must be 2-D .*flatten"),
+    "topk x int": (topk_case(x=torch.ones(8, 6, dtype=torch.int64)), TypeError, "x has dtype int64"),
+    "topk d mismatch": (topk_case(x=torch.randn(8, 7)), ValueError, r"W_enc must have shape \(20, 7\)"),
+    "topk b_enc shape": (topk_case(b_enc=torch.zeros(21)), ValueError, r"b_enc must have shape \(20,\)"),
+    "topk k too large": (topk_case(k=21), ValueError, r"k must be in \[1, 20\]"),
+    "topk k float": (topk_case(k=2.5), TypeError, "k must be an int"),
+    "topk x NaN": (topk_case(x=torch.full((8, 6), float("nan"))), ValueError, "x contains NaN"),
+    "topk b_enc inf": (topk_case(b_enc=torch.full((20,), float("inf"))), ValueError, "b_enc contains NaN or infinite"),
+    "topk backend unknown": (topk_case(kw={"backend": "tpu"}), ValueError, "unknown backend 'tpu'"),
+    "topk W_enc on meta": (topk_case(W_enc=torch.empty(20, 6, device="meta")), RuntimeError,
+                           "one device.*W_enc on meta"),
     "backend unknown": (encode_case(kw={"backend": "opencl"}), ValueError, "unknown backend 'opencl'"),
     "x NaN": (encode_case(x=torch.full((8, 6), float("nan"))), ValueError, "x contains NaN"),
     "threshold inf": (encode_case(log_threshold=torch.full((20,), float("inf"))), ValueError,
@@ -63,6 +90,10 @@ BAD_INPUTS = {
     "indices too large": (decode_case(indices=torch.full((8, 3), 20)), ValueError, r"indices must lie in \[0, 20\)"),
     "indices negative": (decode_case(indices=torch.full((8, 3), -1)), ValueError, r"indices must lie in \[0, 20\)"),
     "acts shape": (decode_case(acts=torch.ones(8, 4)), ValueError, r"acts must have shape \(8, 3\)"),
+    "acts int": (decode_case(acts=torch.ones(8, 3, dtype=torch.int64)), TypeError, "acts has dtype int64"),
+    "acts bool": (decode_case(acts=torch.ones(8, 3, dtype=torch.bool)), TypeError, "acts has dtype bool"),
+    "W_dec on meta": (decode_case(W_dec=torch.empty(20, 6, device="meta")), RuntimeError, "one device.*W_dec on meta"),
+    "b_dec on meta": (decode_case(b_dec=torch.empty(6, device="meta")), RuntimeError, "one device.*b_dec on meta"),
     "b_dec shape": (decode_case(b_dec=torch.zeros(5)), ValueError, r"b_dec must have shape \(6,\)"),
     "W_dec 3-D": (decode_case(W_dec=torch.zeros(20, 6, 1)), ValueError, "W_dec must be 2-D"),
     "binary not 0/1": (decode_case(acts=torch.full((8, 3), 0.5), kw={"binary": True}), ValueError, "exactly 0 or 1"),
@@ -118,56 +149,87 @@ def test_every_backend_appears_under_torch_ops():
             assert hasattr(torch.ops.binsparse, op), op
 
 
-def test_custom_ops_are_differentiable_directly():
-    p = make_params(9, 6, 20)
+@pytest.mark.parametrize("backend,dtype", backend_params())
+def test_custom_ops_are_differentiable_directly(backend, dtype):
+    # the custom ops' registered autograd gives the gradients of the public API, on the same leaves
+    p = make_params(9, 6, 20, device=device_for(backend))
+    names = ("x", "W_enc", "b_enc", "log_threshold", "W_dec", "b_dec")
+    leaves = [p[n] for n in names]
+    G = torch.randn(9, 6, device=p["x"].device)
     acts, idx, values, _ = torch.ops.binsparse.topk_binary_encode(p["x"], p["W_enc"], p["b_enc"],
-                                                                     p["log_threshold"], 4, "sigmoid", 2.0, "reference")
-    y = torch.ops.binsparse.sparse_decode(idx, acts, p["W_dec"], p["b_dec"], True, "reference")
-    y.sum().backward()
-    out = bk.topk_binary_encode(p["x"], p["W_enc"], p["b_enc"], p["log_threshold"], 4, backend="reference")
-    assert torch.equal(out.indices, idx)
-    for name in ("x", "W_enc", "b_enc", "log_threshold", "W_dec", "b_dec"):
-        assert p[name].grad is not None and p[name].grad.abs().sum() > 0, name
+                                                                     p["log_threshold"], 4, "sigmoid", 2.0, backend)
+    y = torch.ops.binsparse.sparse_decode(idx, acts, p["W_dec"], p["b_dec"], True, backend)
+    got = torch.autograd.grad((y * G).sum() + (values * values).sum(), leaves)
+    out = bk.topk_binary_encode(p["x"], p["W_enc"], p["b_enc"], p["log_threshold"], 4, backend=backend)
+    y_api = bk.sparse_decode(out.indices, out.acts, p["W_dec"], p["b_dec"], binary=True, backend=backend)
+    want = torch.autograd.grad((y_api * G).sum() + (out.values * out.values).sum(), leaves)
+    assert torch.equal(out.indices, idx)  # the same launch
+    for name, g, w in zip(names, got, want):
+        assert g.abs().sum() > 0, name
+        assert_close_out(g, w, terms=9, what=f"grad of {name}")
+    # topk_encode too
+    acts, idx, _ = torch.ops.binsparse.topk_encode(p["x"], p["W_enc"], p["b_enc"], 4, backend)
+    got = torch.autograd.grad((acts * acts).sum(), leaves[:3])
+    out = bk.topk_encode(p["x"], p["W_enc"], p["b_enc"], 4, backend=backend)
+    want = torch.autograd.grad((out.acts * out.acts).sum(), leaves[:3])
+    for name, g, w in zip(names, got, want):
+        assert_close_out(g, w, terms=9, what=f"topk_encode grad of {name}")
 
 
 @pytest.mark.parametrize("backend", bk.available_backends())
 def test_opcheck(backend):
-    if backend in ("cuda",) or (backend == "triton" and torch.cuda.is_available()):
-        pytest.skip("checked on the GPU by the backend's own tests")
-    p = make_params(7, 5, 16, 6)
+    # the public custom ops with every backend, on the device it runs on (CUDA tensors on a GPU)
+    device = device_for(backend)
+    p = make_params(7, 5, 16, 6, device=device)
     x, W, b, lt, Wd, bd = (p[n] for n in ("x", "W_enc", "b_enc", "log_threshold", "W_dec", "b_dec"))
     ops = torch.ops.binsparse
     torch.library.opcheck(ops.topk_binary_encode, (x, W, b, lt, 3, "sigmoid", 2.0, backend))
     torch.library.opcheck(ops.topk_encode, (x, W, b, 3, backend))
     idx = bk.topk_encode(x, W, b, 3).indices
-    acts = torch.rand(7, 3, requires_grad=True)
+    acts = torch.rand(7, 3, requires_grad=True, device=device)
     torch.library.opcheck(ops.sparse_decode, (idx, acts, Wd, bd, False, backend))
-    torch.library.opcheck(ops.sparse_decode, (idx, torch.ones(7, 3), Wd, None, True, backend))
-    values = torch.randn(7, 3)
-    torch.library.opcheck(ops.encode_backward, (torch.randn(7, 3), torch.randn(7, 3), values, x.detach(), W.detach(),
-                                                idx, 1, 2.0, True, True, True, backend))
-    torch.library.opcheck(ops.sparse_decode_backward, (torch.randn(7, 6), idx, acts.detach(), Wd.detach(), False,
-                                                       True, True, backend))
+    torch.library.opcheck(ops.sparse_decode, (idx, torch.ones(7, 3, device=device), Wd, None, True, backend))
+    values = torch.randn(7, 3, device=device)
+    g = torch.randn(7, 3, device=device)
+    torch.library.opcheck(ops.encode_backward, (g, g, values, x.detach(), W.detach(), idx, 1, 2.0, True, True, True,
+                                                backend))
+    torch.library.opcheck(ops.sparse_decode_backward, (torch.randn(7, 6, device=device), idx, acts.detach(),
+                                                       Wd.detach(), False, True, True, backend))
 
 
-def test_torch_compile_fullgraph_matches_eager():
+# The op is opaque to the compiler (a custom op with a fake implementation): the backends differ only
+# in their device, so the interpreter's triton is left out (its CPU tensors add nothing but time).
+@pytest.mark.parametrize("backend", [b for b in bk.available_backends()
+                                     if b != "reference" and not (b == "triton" and device_for(b) == "cpu")])
+def test_torch_compile_fullgraph_matches_eager(backend):
+    # both encoders and the decode in one graph, compiled once for a dynamic number of tokens
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     torch._dynamo.reset()
-    p = make_params(12, 8, 24)
+    device = device_for(backend)
+    counter = CompileCounterWithBackend("aot_eager")
 
     def step(x, W, b, lt, Wd, bd):
-        out = bk.topk_binary_encode(x, W, b, lt, 4)
-        y = bk.sparse_decode(out.indices, out.acts, Wd, bd, binary=True)
-        return (y - x).square().sum()
+        out = bk.topk_binary_encode(x, W, b, lt, 4, backend=backend)
+        y = bk.sparse_decode(out.indices, out.acts, Wd, bd, binary=True, backend=backend)
+        cont = bk.topk_encode(x, W, b, 3, backend=backend)
+        y2 = bk.sparse_decode(cont.indices, cont.acts, Wd, None, backend=backend)
+        return (y - x).square().sum() + (y2 - x).square().sum()
 
-    names = ("x", "W_enc", "b_enc", "log_threshold", "W_dec", "b_dec")
-    args = [p[n] for n in names]
-    eager = step(*args)
-    g_eager = torch.autograd.grad(eager, args)
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
-    g_comp = torch.autograd.grad(compiled, args)
-    torch.testing.assert_close(compiled, eager)
-    for a, b in zip(g_comp, g_eager):
-        torch.testing.assert_close(a, b)
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+    frames = []
+    for N in (12, 17):
+        p = make_params(N, 8, 24, device=device)
+        args = [p[n] for n in ("x", "W_enc", "b_enc", "log_threshold", "W_dec", "b_dec")]
+        eager = step(*args)
+        g_eager = torch.autograd.grad(eager, args)
+        got = compiled(*args)
+        frames.append(counter.frame_count)
+        g_comp = torch.autograd.grad(got, args)
+        assert_close_out(got, eager, terms=24, what="loss")
+        for a, b in zip(g_comp, g_eager):
+            assert_close_out(a, b, terms=24, what="gradient")
+    assert frames[1] == frames[0], "recompiled for another number of tokens"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +242,6 @@ def run_python(code: str, env=None):
                           timeout=300, env=env)
 
 
-@pytest.mark.skipif("cpu" not in bk.available_backends(), reason="CPU extension not built")
 def test_cpu_ops_reject_bad_calls_without_crashing():
     result = run_python("""
         import torch, binsparse_kernels as bk
@@ -205,6 +266,28 @@ def test_cpu_ops_reject_bad_calls_without_crashing():
     """)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[:6] == [f"raised {i}" for i in range(6)], result.stdout
+
+
+def test_triton_on_cpu_tensors_without_the_interpreter_is_refused():
+    # a fresh process without TRITON_INTERPRET: the triton backend runs CUDA tensors only
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = run_python("""
+        import torch, binsparse_kernels as bk
+        if not torch.cuda.is_available():
+            assert "triton" not in bk.available_backends(), bk.available_backends()
+        x = torch.randn(4, 3); W = torch.randn(8, 3); b = torch.zeros(8)
+        for call in (lambda: bk.topk_encode(x, W, b, 2, backend="triton"),
+                     lambda: bk.sparse_decode(torch.zeros(4, 2, dtype=torch.int64), x[:, :2], W, backend="triton")):
+            try:
+                call()
+            except RuntimeError as e:
+                print("refused:", e)
+    """, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("refused: backend 'triton'") for line in lines), lines
+    if not torch.cuda.is_available():
+        assert all("TRITON_INTERPRET=1" in line for line in lines), lines
 
 
 def test_package_imports_and_falls_back_without_compiled_extension():
