@@ -7,8 +7,11 @@ and, without one, models of their selection logic.
   consumers' alternating tiles and their final merge and sorted write) agrees with "sort by (NaN
   first, value desc, index asc), take k" on random rows, ties, all-equal rows, NaN, increasing
   rows (every score survives the gate) and partial tiles, with the kernel's staging size and a tiny
-  one (so correctness visibly does not depend on it). A model of the fallback's packed int64 keys
-  checks that their integer order is the kernels' order. These model the logic, not the CUDA code.
+  one (so correctness visibly does not depend on it). A model of the Hopper kernel's pipeline (TMA
+  ring, mbarrier parities, ping-pong named barriers) under random interleavings never hangs, never
+  overwrites a stage still being read and never reads a stale one. A model of the fallback's packed
+  int64 keys checks that their integer order is the kernels' order. These model the logic, not the
+  CUDA code.
 * GPU (skipped here): each fused kernel, forced with ``BINSPARSE_CUDA_ENCODE=sm80|sm90``, against the
   reference on random shapes, ties, all-equal rows, NaN scores, k = 1, k = M, one and several latent
   chunks, partial tiles; the sm_90 kernel only on compute capability 9.0 (elsewhere forcing it must
@@ -266,6 +269,141 @@ def test_first_tile_bound_lets_about_k_scores_through():
             bound = tile_kth_lower_bound(z, h, k, BISECTIONS)
             passed = int((scores[h] >= bound).sum())
             assert k <= passed <= k + 4, (k, passed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hopper kernel's pipeline (encode_sm90_kernel): the producer's TMA ring, the two consumers'
+# ping-pong named barriers and their mbarrier waits, run under random interleavings. A hang shows
+# as a state where nobody can move; a stage overwritten while a consumer still reads it, or a slab
+# read from the wrong use of a stage (a parity slip), fails an assertion.
+# ---------------------------------------------------------------------------------------------
+
+
+class Ring:
+    """encode_sm90.cu's Ring: the slot and parity of the current use of a ring of stages."""
+
+    def __init__(self, stages):
+        self.slot, self.phase, self.stages = 0, 0, stages
+
+    def advance(self, steps):
+        flips = steps // self.stages
+        self.slot += steps % self.stages
+        if self.slot >= self.stages:
+            self.slot -= self.stages
+            flips += 1
+        self.phase ^= flips & 1
+
+
+class MBarrier:
+    """`count` arrivals and the expected transaction bytes complete a phase; a parity wait passes
+    once the phase of that parity has completed (a fresh barrier passes parity 1 at once)."""
+
+    def __init__(self, count):
+        self.count, self.pending, self.tx, self.phase = count, count, 0, 0
+
+    def arrive(self, expect_tx=0):
+        self.tx += expect_tx
+        self.pending -= 1
+        assert self.pending >= 0, "more arrivals than the barrier's count in one phase"
+        self.complete_tx(0)
+
+    def complete_tx(self, nbytes):
+        self.tx -= nbytes
+        if self.pending == 0 and self.tx == 0:
+            self.phase, self.pending = self.phase + 1, self.count
+
+    def passed(self, parity):
+        return (self.phase & 1) != parity
+
+
+class NamedBarrier:
+    """bar.arrive / bar.sync of 256 threads, counted by warps of 32."""
+
+    def __init__(self):
+        self.threads, self.generation = 0, 0
+
+    def add_warp(self):
+        self.threads += 32
+        assert self.threads <= 256
+        if self.threads == 256:
+            self.threads, self.generation = 0, self.generation + 1
+
+
+def sm90_pipeline_model(ntiles, nk, stages, seed):
+    """One CTA: the producer thread and the 8 consumer warps (barrier ids as the kernel's, 8 + id)."""
+    full, empty = [MBarrier(1) for _ in range(stages)], [MBarrier(4) for _ in range(stages)]
+    named = {8: NamedBarrier(), 9: NamedBarrier(), 10: NamedBarrier()}
+    held = [None] * stages  # the (tile, slab) a stage holds
+    readers = [set() for _ in range(stages)]
+    in_flight, consumed = [], []
+
+    def sync(barrier):
+        generation = named[barrier].generation
+        named[barrier].add_warp()
+        return lambda: named[barrier].generation > generation
+
+    def producer():
+        ring = Ring(stages)
+        for j in range(ntiles):
+            for kb in range(nk):
+                s = ring.slot
+                yield lambda: empty[s].passed(ring.phase ^ 1)
+                full[s].arrive(expect_tx=1)
+                in_flight.append((s, (j, kb)))
+                ring.advance(1)
+
+    def consumer_warp(c, w):
+        ring = Ring(stages)
+        if c == 1:
+            ring.advance(nk)
+            named[8].add_warp()
+        for j in range(c, ntiles, 2):
+            yield sync(8 + c)
+            previous = None
+            for kb in range(nk):
+                s = ring.slot
+                yield lambda: full[s].passed(ring.phase)
+                assert held[s] == (j, kb), f"consumer {c} got {held[s]} for tile {j}, slab {kb}"
+                readers[s].add((c, w))
+                consumed.append((c, w, j, kb))
+                if previous is not None:
+                    readers[previous].discard((c, w))
+                    empty[previous].arrive()
+                previous = s
+                ring.advance(1)
+            if j + 1 < ntiles:
+                named[9 - c].add_warp()
+            readers[previous].discard((c, w))
+            empty[previous].arrive()
+            ring.advance(nk)
+        yield sync(10)
+
+    rng = np.random.default_rng(seed)
+    agents = [producer()] + [consumer_warp(c, w) for c in range(2) for w in range(4)]
+    blocked = {id(a): (lambda: True) for a in agents}
+    while agents or in_flight:
+        choices = [a for a in agents if blocked[id(a)]()] + (["tma"] if in_flight else [])
+        assert choices, f"hang: ntiles={ntiles} nk={nk} stages={stages}"
+        pick = choices[rng.integers(len(choices))]
+        if pick == "tma":  # TMA loads land in any order
+            s, slab = in_flight.pop(rng.integers(len(in_flight)))
+            assert not readers[s], f"stage {s} overwritten while {readers[s]} still read it"
+            held[s] = slab
+            full[s].complete_tx(1)
+        else:
+            try:
+                blocked[id(pick)] = next(pick)
+            except StopIteration:
+                agents.remove(pick)
+    assert sorted(consumed) == sorted((j % 2, w, j, kb) for j in range(ntiles) for kb in range(nk) for w in range(4))
+
+
+def test_hopper_pipeline_model_never_hangs_or_reads_a_stale_stage():
+    for ntiles in range(1, 6):
+        for nk in range(1, 5):
+            for stages in range(2, 5):
+                for seed in range(4):
+                    sm90_pipeline_model(ntiles, nk, stages, seed)
 
 
 # ---------------------------------------------------------------------------------------------
