@@ -4,7 +4,8 @@ and, without one, models of their selection logic.
 * CPU, always (well under a second each): a lane-level Python model of the Hopper kernel's epilogue
   (the wgmma accumulator map, the tau gate, the ballot compaction into per-row staging buffers that
   stops and rescans when a buffer fills, the quad-level insertion with its append fill, the two
-  consumers' alternating tiles and their final merge and sorted write) agrees with "sort by (NaN
+  consumers' alternating tiles and their final merge and sorted write; several latent chunks and
+  merge_topk_kernel's merge of their partial lists) agrees with "sort by (NaN
   first, value desc, index asc), take k" on random rows, ties, all-equal rows, NaN, increasing
   rows (every score survives the gate) and partial tiles, with the kernel's staging size and a tiny
   one (so correctness visibly does not depend on it). A model of the Hopper kernel's pipeline (TMA
@@ -196,21 +197,23 @@ def epilogue_quad(z, col0, col_end, first_tile, state, tau, staged_cap):
                 tau[h] = max(tau[h], state[h].worst[0])
 
 
-def sm90_cta_model(scores, k, staged_cap=K_STAGED, valid=(True, True)):
-    """Two rows (one quad) over all columns of a chunk: two consumers take alternate 256-column tiles,
-    then consumer 1's list is merged into consumer 0's and written sorted."""
+def sm90_cta_model(scores, k, staged_cap=K_STAGED, valid=(True, True), col_begin=0, col_end=None):
+    """Two rows (one quad) over the columns [col_begin, col_end) of a chunk (whole tiles; col_end is M
+    or the next chunk's start): two consumers take alternate 256-column tiles, then consumer 1's list
+    is merged into consumer 0's and written sorted (empty slots included, as a partial list)."""
     M = scores.shape[1]
-    ntiles = -(-M // TILE_COLS)
+    col_end = M if col_end is None else col_end
+    ntiles = -(-(col_end - col_begin) // TILE_COLS)
     states = [[QuadTopk(k) for _ in range(2)] for _ in range(2)]  # [consumer][h]
     taus = [[-math.inf if v else math.inf for v in valid] for _ in range(2)]
     for j in range(ntiles):
-        col0, c = j * TILE_COLS, j % 2
+        col0, c = col_begin + j * TILE_COLS, j % 2
         z = [[0.0] * VALUES for _ in range(4)]
         for p in range(4):
             for i in range(VALUES):
                 col = col0 + frag_col(p, i)
                 z[p][i] = float(scores[(i // 2) % 2, col]) if col < M else 0.0  # beyond M: padded bias, 0
-        epilogue_quad(z, col0, M, j == c, states[c], taus[c], staged_cap)
+        epilogue_quad(z, col0, col_end, j == c, states[c], taus[c], staged_cap)
     rows = []
     for h in range(2):
         q0, q1 = states[0][h], states[1][h]
@@ -249,6 +252,24 @@ def test_hopper_epilogue_model_is_an_exact_topk(M, k, case, staged_cap):
     for h in range(2):
         want = expected_topk([float(v) for v in scores[h]], list(range(M)), k)
         assert same(got[h], want), (case, h, got[h][:5], want[:5])
+
+
+@pytest.mark.parametrize("M,k,tiles_per_chunk", [(560, 100, 1), (1100, 128, 2), (2000, 32, 3), (300, 1, 1)])
+def test_hopper_chunks_and_merge_model_is_an_exact_topk(M, k, tiles_per_chunk):
+    # Several chunks (the last one may hold fewer than k latents: its partial list keeps empty
+    # slots), each a CTA as above, then merge_topk_kernel: chunk 0's list, the others offered in order.
+    rng = np.random.default_rng(M + k)
+    scores = CASES["ties"](rng, M)
+    chunk_cols = tiles_per_chunk * TILE_COLS
+    parts = [sm90_cta_model(scores, k, col_begin=c0, col_end=min(M, c0 + chunk_cols)) for c0 in range(0, M, chunk_cols)]
+    for h in range(2):
+        lv, li = [v for v, _ in parts[0][h]], [i for _, i in parts[0][h]]
+        worst = group_worst(lv, li, k, 32)
+        for part in parts[1:]:
+            for s0 in range(0, k, 32):
+                worst = warp_offer(lv, li, k, worst, [part[h][s] if s < k else None for s in range(s0, s0 + 32)])
+        want = expected_topk([float(v) for v in scores[h]], list(range(M)), k)
+        assert same(write_sorted(lv, li, k), want), (M, k, h)
 
 
 def test_hopper_epilogue_model_skips_rows_beyond_n():
