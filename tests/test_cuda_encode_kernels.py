@@ -15,7 +15,7 @@ and, without one, models of their selection logic.
   CUDA code.
 * GPU (skipped here): each fused kernel, forced with ``BINSPARSE_CUDA_ENCODE=sm80|sm90``, against the
   reference on random shapes, ties, all-equal rows, NaN scores, k = 1, k = M, one and several latent
-  chunks, partial tiles; the sm_90 kernel only on compute capability 9.0 (elsewhere forcing it must
+  chunks (one chunk of many tiles with the direct sorted write, as in training), partial tiles; the sm_90 kernel only on compute capability 9.0 (elsewhere forcing it must
   raise).
 """
 
@@ -563,6 +563,27 @@ def test_fused_kernel_ties_all_equal_and_nan(kernel, M, k):
     assert torch.equal(indices, order)
     assert (indices[:, 0] == 3).all(), "NaN ranks first"
     assert torch.equal(indices[1, 1:], torch.tensor([j for j in range(M) if j != 3][: k - 1], device=DEV))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "continuous"])
+def test_fused_kernel_one_chunk_many_tiles(kernel, binary):
+    # The training case: enough row blocks that one latent chunk fills the GPU, so each CTA walks all
+    # tiles (sm90: 5, both consumers and the ring wrapping; sm80: 9) and writes its rows sorted
+    # straight into the output. 12 row blocks per SM fill every wave at 1 to 4 CTAs per SM.
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    N, d, M, k = 12 * sms * 64 - 7, 64, 1100, 32
+    x = torch.randint(-2, 3, (N, d), device=DEV).to(torch.bfloat16)
+    W = torch.randint(-1, 2, (7, d), device=DEV).to(torch.bfloat16)[torch.randint(0, 7, (M,), device=DEV)]
+    W[300] = float("nan")  # in the second tile of either kernel
+    b = torch.randint(-3, 4, (M,), device=DEV).float()
+    theta = torch.randint(0, 3, (M,), device=DEV).float() if binary else None
+    values, indices = gpu_encode(x, W, b, theta, k)
+    z = expected(x, W, b, theta, k)  # integer-valued: exact in every summation order
+    check(z, values, indices, k)
+    order = torch.sort(torch.where(z.isnan(), torch.inf, z), dim=1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(indices, order)
 
 
 @pytest.mark.gpu
