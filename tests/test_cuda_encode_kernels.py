@@ -4,14 +4,18 @@ and, without one, models of their selection logic.
 * CPU, always (well under a second each): a lane-level Python model of the Hopper kernel's epilogue
   (the wgmma accumulator map, the tau gate, the ballot compaction into per-row staging buffers that
   stops and rescans when a buffer fills, the quad-level insertion with its append fill, the two
-  consumers' alternating tiles and their final merge and sorted write) agrees with "sort by (NaN
+  consumers' alternating tiles and their final merge and sorted write; several latent chunks and
+  merge_topk_kernel's merge of their partial lists) agrees with "sort by (NaN
   first, value desc, index asc), take k" on random rows, ties, all-equal rows, NaN, increasing
   rows (every score survives the gate) and partial tiles, with the kernel's staging size and a tiny
-  one (so correctness visibly does not depend on it). A model of the fallback's packed int64 keys
-  checks that their integer order is the kernels' order. These model the logic, not the CUDA code.
+  one (so correctness visibly does not depend on it). A model of the Hopper kernel's pipeline (TMA
+  ring, mbarrier parities, ping-pong named barriers) under random interleavings never hangs, never
+  overwrites a stage still being read and never reads a stale one. A model of the fallback's packed
+  int64 keys checks that their integer order is the kernels' order. These model the logic, not the
+  CUDA code.
 * GPU (skipped here): each fused kernel, forced with ``BINSPARSE_CUDA_ENCODE=sm80|sm90``, against the
   reference on random shapes, ties, all-equal rows, NaN scores, k = 1, k = M, one and several latent
-  chunks, partial tiles; the sm_90 kernel only on compute capability 9.0 (elsewhere forcing it must
+  chunks (one chunk of many tiles with the direct sorted write, as in training), partial tiles; the sm_90 kernel only on compute capability 9.0 (elsewhere forcing it must
   raise).
 """
 
@@ -193,21 +197,23 @@ def epilogue_quad(z, col0, col_end, first_tile, state, tau, staged_cap):
                 tau[h] = max(tau[h], state[h].worst[0])
 
 
-def sm90_cta_model(scores, k, staged_cap=K_STAGED, valid=(True, True)):
-    """Two rows (one quad) over all columns of a chunk: two consumers take alternate 256-column tiles,
-    then consumer 1's list is merged into consumer 0's and written sorted."""
+def sm90_cta_model(scores, k, staged_cap=K_STAGED, valid=(True, True), col_begin=0, col_end=None):
+    """Two rows (one quad) over the columns [col_begin, col_end) of a chunk (whole tiles; col_end is M
+    or the next chunk's start): two consumers take alternate 256-column tiles, then consumer 1's list
+    is merged into consumer 0's and written sorted (empty slots included, as a partial list)."""
     M = scores.shape[1]
-    ntiles = -(-M // TILE_COLS)
+    col_end = M if col_end is None else col_end
+    ntiles = -(-(col_end - col_begin) // TILE_COLS)
     states = [[QuadTopk(k) for _ in range(2)] for _ in range(2)]  # [consumer][h]
     taus = [[-math.inf if v else math.inf for v in valid] for _ in range(2)]
     for j in range(ntiles):
-        col0, c = j * TILE_COLS, j % 2
+        col0, c = col_begin + j * TILE_COLS, j % 2
         z = [[0.0] * VALUES for _ in range(4)]
         for p in range(4):
             for i in range(VALUES):
                 col = col0 + frag_col(p, i)
                 z[p][i] = float(scores[(i // 2) % 2, col]) if col < M else 0.0  # beyond M: padded bias, 0
-        epilogue_quad(z, col0, M, j == c, states[c], taus[c], staged_cap)
+        epilogue_quad(z, col0, col_end, j == c, states[c], taus[c], staged_cap)
     rows = []
     for h in range(2):
         q0, q1 = states[0][h], states[1][h]
@@ -248,6 +254,24 @@ def test_hopper_epilogue_model_is_an_exact_topk(M, k, case, staged_cap):
         assert same(got[h], want), (case, h, got[h][:5], want[:5])
 
 
+@pytest.mark.parametrize("M,k,tiles_per_chunk", [(560, 100, 1), (1100, 128, 2), (2000, 32, 3), (300, 1, 1)])
+def test_hopper_chunks_and_merge_model_is_an_exact_topk(M, k, tiles_per_chunk):
+    # Several chunks (the last one may hold fewer than k latents: its partial list keeps empty
+    # slots), each a CTA as above, then merge_topk_kernel: chunk 0's list, the others offered in order.
+    rng = np.random.default_rng(M + k)
+    scores = CASES["ties"](rng, M)
+    chunk_cols = tiles_per_chunk * TILE_COLS
+    parts = [sm90_cta_model(scores, k, col_begin=c0, col_end=min(M, c0 + chunk_cols)) for c0 in range(0, M, chunk_cols)]
+    for h in range(2):
+        lv, li = [v for v, _ in parts[0][h]], [i for _, i in parts[0][h]]
+        worst = group_worst(lv, li, k, 32)
+        for part in parts[1:]:
+            for s0 in range(0, k, 32):
+                worst = warp_offer(lv, li, k, worst, [part[h][s] if s < k else None for s in range(s0, s0 + 32)])
+        want = expected_topk([float(v) for v in scores[h]], list(range(M)), k)
+        assert same(write_sorted(lv, li, k), want), (M, k, h)
+
+
 def test_hopper_epilogue_model_skips_rows_beyond_n():
     # A row beyond N (tau = +inf, valid = False) stages nothing and keeps an empty list.
     z = [[1.0] * VALUES for _ in range(4)]
@@ -266,6 +290,141 @@ def test_first_tile_bound_lets_about_k_scores_through():
             bound = tile_kth_lower_bound(z, h, k, BISECTIONS)
             passed = int((scores[h] >= bound).sum())
             assert k <= passed <= k + 4, (k, passed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hopper kernel's pipeline (encode_sm90_kernel): the producer's TMA ring, the two consumers'
+# ping-pong named barriers and their mbarrier waits, run under random interleavings. A hang shows
+# as a state where nobody can move; a stage overwritten while a consumer still reads it, or a slab
+# read from the wrong use of a stage (a parity slip), fails an assertion.
+# ---------------------------------------------------------------------------------------------
+
+
+class Ring:
+    """encode_sm90.cu's Ring: the slot and parity of the current use of a ring of stages."""
+
+    def __init__(self, stages):
+        self.slot, self.phase, self.stages = 0, 0, stages
+
+    def advance(self, steps):
+        flips = steps // self.stages
+        self.slot += steps % self.stages
+        if self.slot >= self.stages:
+            self.slot -= self.stages
+            flips += 1
+        self.phase ^= flips & 1
+
+
+class MBarrier:
+    """`count` arrivals and the expected transaction bytes complete a phase; a parity wait passes
+    once the phase of that parity has completed (a fresh barrier passes parity 1 at once)."""
+
+    def __init__(self, count):
+        self.count, self.pending, self.tx, self.phase = count, count, 0, 0
+
+    def arrive(self, expect_tx=0):
+        self.tx += expect_tx
+        self.pending -= 1
+        assert self.pending >= 0, "more arrivals than the barrier's count in one phase"
+        self.complete_tx(0)
+
+    def complete_tx(self, nbytes):
+        self.tx -= nbytes
+        if self.pending == 0 and self.tx == 0:
+            self.phase, self.pending = self.phase + 1, self.count
+
+    def passed(self, parity):
+        return (self.phase & 1) != parity
+
+
+class NamedBarrier:
+    """bar.arrive / bar.sync of 256 threads, counted by warps of 32."""
+
+    def __init__(self):
+        self.threads, self.generation = 0, 0
+
+    def add_warp(self):
+        self.threads += 32
+        assert self.threads <= 256
+        if self.threads == 256:
+            self.threads, self.generation = 0, self.generation + 1
+
+
+def sm90_pipeline_model(ntiles, nk, stages, seed):
+    """One CTA: the producer thread and the 8 consumer warps (barrier ids as the kernel's, 8 + id)."""
+    full, empty = [MBarrier(1) for _ in range(stages)], [MBarrier(4) for _ in range(stages)]
+    named = {8: NamedBarrier(), 9: NamedBarrier(), 10: NamedBarrier()}
+    held = [None] * stages  # the (tile, slab) a stage holds
+    readers = [set() for _ in range(stages)]
+    in_flight, consumed = [], []
+
+    def sync(barrier):
+        generation = named[barrier].generation
+        named[barrier].add_warp()
+        return lambda: named[barrier].generation > generation
+
+    def producer():
+        ring = Ring(stages)
+        for j in range(ntiles):
+            for kb in range(nk):
+                s = ring.slot
+                yield lambda: empty[s].passed(ring.phase ^ 1)
+                full[s].arrive(expect_tx=1)
+                in_flight.append((s, (j, kb)))
+                ring.advance(1)
+
+    def consumer_warp(c, w):
+        ring = Ring(stages)
+        if c == 1:
+            ring.advance(nk)
+            named[8].add_warp()
+        for j in range(c, ntiles, 2):
+            yield sync(8 + c)
+            previous = None
+            for kb in range(nk):
+                s = ring.slot
+                yield lambda: full[s].passed(ring.phase)
+                assert held[s] == (j, kb), f"consumer {c} got {held[s]} for tile {j}, slab {kb}"
+                readers[s].add((c, w))
+                consumed.append((c, w, j, kb))
+                if previous is not None:
+                    readers[previous].discard((c, w))
+                    empty[previous].arrive()
+                previous = s
+                ring.advance(1)
+            if j + 1 < ntiles:
+                named[9 - c].add_warp()
+            readers[previous].discard((c, w))
+            empty[previous].arrive()
+            ring.advance(nk)
+        yield sync(10)
+
+    rng = np.random.default_rng(seed)
+    agents = [producer()] + [consumer_warp(c, w) for c in range(2) for w in range(4)]
+    blocked = {id(a): (lambda: True) for a in agents}
+    while agents or in_flight:
+        choices = [a for a in agents if blocked[id(a)]()] + (["tma"] if in_flight else [])
+        assert choices, f"hang: ntiles={ntiles} nk={nk} stages={stages}"
+        pick = choices[rng.integers(len(choices))]
+        if pick == "tma":  # TMA loads land in any order
+            s, slab = in_flight.pop(rng.integers(len(in_flight)))
+            assert not readers[s], f"stage {s} overwritten while {readers[s]} still read it"
+            held[s] = slab
+            full[s].complete_tx(1)
+        else:
+            try:
+                blocked[id(pick)] = next(pick)
+            except StopIteration:
+                agents.remove(pick)
+    assert sorted(consumed) == sorted((j % 2, w, j, kb) for j in range(ntiles) for kb in range(nk) for w in range(4))
+
+
+def test_hopper_pipeline_model_never_hangs_or_reads_a_stale_stage():
+    for ntiles in range(1, 6):
+        for nk in range(1, 5):
+            for stages in range(2, 5):
+                for seed in range(4):
+                    sm90_pipeline_model(ntiles, nk, stages, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,6 +563,27 @@ def test_fused_kernel_ties_all_equal_and_nan(kernel, M, k):
     assert torch.equal(indices, order)
     assert (indices[:, 0] == 3).all(), "NaN ranks first"
     assert torch.equal(indices[1, 1:], torch.tensor([j for j in range(M) if j != 3][: k - 1], device=DEV))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS, indirect=True)
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "continuous"])
+def test_fused_kernel_one_chunk_many_tiles(kernel, binary):
+    # The training case: enough row blocks that one latent chunk fills the GPU, so each CTA walks all
+    # tiles (sm90: 5, both consumers and the ring wrapping; sm80: 9) and writes its rows sorted
+    # straight into the output. 12 row blocks per SM fill every wave at 1 to 4 CTAs per SM.
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    N, d, M, k = 12 * sms * 64 - 7, 64, 1100, 32
+    x = torch.randint(-2, 3, (N, d), device=DEV).to(torch.bfloat16)
+    W = torch.randint(-1, 2, (7, d), device=DEV).to(torch.bfloat16)[torch.randint(0, 7, (M,), device=DEV)]
+    W[300] = float("nan")  # in the second tile of either kernel
+    b = torch.randint(-3, 4, (M,), device=DEV).float()
+    theta = torch.randint(0, 3, (M,), device=DEV).float() if binary else None
+    values, indices = gpu_encode(x, W, b, theta, k)
+    z = expected(x, W, b, theta, k)  # integer-valued: exact in every summation order
+    check(z, values, indices, k)
+    order = torch.sort(torch.where(z.isnan(), torch.inf, z), dim=1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(indices, order)
 
 
 @pytest.mark.gpu
