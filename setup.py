@@ -49,6 +49,9 @@ def build_cuda() -> bool:
         missing.append("no CUDA toolkit found (set CUDA_HOME)")
     if not rel("csrc/cuda/*.cu"):
         missing.append("no CUDA sources in csrc/cuda")
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 8):
+        # the k > 128 fallback uses at::mm_out with an fp32 out_dtype from 16-bit inputs (torch 2.8+)
+        missing.append(f"torch {torch.__version__} is older than 2.8")
     if missing and flag in ("1", "true", "yes", "on"):
         raise RuntimeError("BINSPARSE_BUILD_CUDA=1 but the CUDA extension cannot be built: " + "; ".join(missing))
     if missing:

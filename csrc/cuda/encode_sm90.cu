@@ -457,6 +457,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Built for a Hopper-or-newer target without the sm_90a features (e.g. TORCH_CUDA_ARCH_LIST naming
+  // plain 9.0): if the driver ever picked this image, fail loudly instead of leaving the outputs unset.
+  __trap();
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
