@@ -59,6 +59,7 @@ encode_forward = _backend.encode_forward
 encode_backward = _backend.encode_backward
 decode_forward = _backend.decode_forward
 decode_backward = _backend.decode_backward
+coder_backward = _backend.coder_backward
 
 # Largest k of the fused encode kernel; larger k takes the chunked fallback (csrc/cuda/encode_forward.cu).
 MAX_FUSED_K = 128
