@@ -181,17 +181,20 @@ def measure_memory(prepare: Callable[[int], object], run: Callable[[object], obj
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak of the CPU bytes ``fn()`` allocated and had not freed yet (its output counted while alive),
-    from ``torch.profiler``'s memory events: each op's own allocations net of its frees at the op's
-    start, and the frees that happen outside any op, in time order."""
+    """Peak of the CPU bytes ``fn()`` allocated and had not freed yet (its output counted while
+    alive): the running sum, in time order, of the allocation (+bytes) and free (-bytes) records
+    that ``torch.profiler`` keeps with ``profile_memory=True``."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
+    records = [e for e in prof.profiler.kineto_results.events()
+               if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
     current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        current += record.nbytes()
         peak = max(peak, current)
     return peak
 
