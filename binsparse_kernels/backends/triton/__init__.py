@@ -8,6 +8,6 @@ CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (how CI tests the k
 from __future__ import annotations
 
 from .encode import encode_forward
-from .sparse import decode_backward, decode_forward, encode_backward
+from .sparse import coder_backward, decode_backward, decode_forward, encode_backward
 
-__all__ = ["encode_forward", "encode_backward", "decode_forward", "decode_backward"]
+__all__ = ["encode_forward", "encode_backward", "decode_forward", "decode_backward", "coder_backward"]
