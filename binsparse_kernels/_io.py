@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+
+_TMP_SUFFIX = ".tmp"
+
+
+def stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """The temporary files that ``atomic_write(path, ...)`` calls left behind when their process was
+    killed before the rename (a KeyboardInterrupt or an exception removes its own)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(glob.escape(path.name) + "*" + _TMP_SUFFIX) if p.is_file())
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -15,7 +28,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     temporary file.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=_TMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)

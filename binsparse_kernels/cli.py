@@ -1,4 +1,4 @@
-"""The ``binsparse`` command: ``binsparse {train,eval,report,bench} ...``.
+"""The ``binsparse`` command: ``binsparse {train,eval,report,bench,doctor} ...``.
 
 Each subcommand lives in its own module and exposes ``add_arguments(parser)`` and ``run(args)``;
 this file only routes, importing the subcommand's module when it is used.
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "eval": ("binsparse_kernels.evaluation.cli", "evaluate checkpoints: FVU, CE/KL with the coder spliced in, firing rates"),
     "report": ("binsparse_kernels.evaluation.report", "build the comparison report (markdown + plots) for runs"),
     "bench": ("binsparse_kernels.bench.cli", "benchmark the ops and training steps across backends"),
+    "doctor": ("binsparse_kernels.doctor", "versions, GPUs, backends, and a self-check of every backend (bug reports)"),
 }
 
 

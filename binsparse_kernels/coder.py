@@ -29,7 +29,7 @@ from .ops import (EncoderOutput, sparse_decode, topk_binary_encode, topk_binary_
                   topk_encode_decode)
 
 ACTIVATIONS = ("topk", "topk_binary", "topk_hybrid")
-_ALIASES = {"binary": "topk_binary", "hybrid": "topk_hybrid"}
+_ALIASES = {"hybrid": "topk_hybrid"}
 
 
 @dataclass
@@ -56,6 +56,11 @@ class SparseCoderConfig:
 
     def __post_init__(self):
         self.activation = _ALIASES.get(self.activation, self.activation)
+        if self.activation == "binary":
+            # Not an alias: on the paper's sparsify branch "binary" is a dense binary coder (every latent
+            # above its threshold fires, no top-k), a different function from "topk_binary".
+            raise ValueError("activation 'binary' (the paper branch's dense binary coder, no top-k) is not "
+                             "supported; the binary TopK coder is 'topk_binary'")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.ste not in ("sigmoid", "rectangle", "identity"):
@@ -99,11 +104,26 @@ class ForwardOutput(NamedTuple):
     multi_topk_fvu: Tensor
 
 
+def _squared_error(y: Tensor, y_hat: Tensor) -> Tensor:
+    return (y.float() - y_hat.float()).square().sum()
+
+
+def _total_variance(y: Tensor) -> Tensor:
+    """sum ||y - mean(y)||^2 in float32, clamped away from 0."""
+    y = y.float()
+    return (y - y.mean(0)).square().sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def fvu(y: Tensor, y_hat: Tensor) -> Tensor:
     """Fraction of variance unexplained: sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 (float32)."""
-    y = y.float()
-    total = (y - y.mean(0)).square().sum()
-    return (y - y_hat.float()).square().sum() / total.clamp_min(torch.finfo(torch.float32).tiny)
+    return _squared_error(y, y_hat) / _total_variance(y)
+
+
+@torch.no_grad()
+def _score_bound(x: Tensor, W: Tensor, b: Tensor, theta: Optional[Tensor]) -> Tensor:
+    """B >= |x_t . W_i + b_i| (+ theta_i) for every token and latent (Cauchy-Schwarz), float32, on device."""
+    bound = x.float().norm(dim=1).max() * W.float().norm(dim=1).max() + b.float().abs().max()
+    return bound + theta.float().max() if theta is not None else bound
 
 
 def _atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
@@ -242,49 +262,85 @@ class SparseCoder(nn.Module):
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None, *, dead_mask: Optional[Tensor] = None,
                 auxk_alpha: float = 0.0) -> ForwardOutput:
-        """Encode, decode and score. ``y`` is the target (defaults to ``x`` for autoencoders)."""
+        """Encode, decode and score. ``y`` is the target (defaults to ``x`` for autoencoders).
+
+        AuxK runs when ``dead_mask`` is given and ``auxk_alpha > 0`` (see ``_auxk_loss``); nothing here
+        reads tensor data on the host, so a step is free of device syncs (the ops' value checks aside).
+        """
         if y is None:
             if self.cfg.transcode:
                 raise ValueError("a transcoder needs its target y")
             y = x
         sae_out, top_acts, top_indices = self._encode_decode(x, self.cfg.k)
-        if self.W_skip is not None:
-            sae_out = sae_out + (x.to(sae_out.dtype) @ self.W_skip.to(sae_out.dtype).T)
+        sae_out = self._with_skip(x, sae_out)
+        total_variance = _total_variance(y)
         zero = sae_out.new_zeros((), dtype=torch.float32)
         auxk_loss = zero
-        if dead_mask is not None and auxk_alpha > 0 and bool(dead_mask.any()):
-            auxk_loss = self._auxk_loss(x, (y.float() - sae_out.float()).detach(), dead_mask)
+        if dead_mask is not None and auxk_alpha > 0:
+            auxk_loss = self._auxk_loss(x, (y.float() - sae_out.float()).detach(), dead_mask, total_variance)
         multi_topk_fvu = zero
         if self.cfg.multi_topk:
-            k4 = min(4 * self.cfg.k, self.num_latents)
-            out4, _, _ = self._encode_decode(x, k4)
-            if self.W_skip is not None:
-                out4 = out4 + (x.to(out4.dtype) @ self.W_skip.to(out4.dtype).T)
-            multi_topk_fvu = fvu(y, out4)
-        return ForwardOutput(sae_out, top_acts, top_indices, fvu(y, sae_out), auxk_loss, multi_topk_fvu)
+            # The coder's whole prediction with 4k latents, skip path included (sparsify 1.3.3 leaves
+            # W_skip out of its 4k reconstruction; see docs/TRAINING.md).
+            out4, _, _ = self._encode_decode(x, min(4 * self.cfg.k, self.num_latents))
+            out4 = self._with_skip(x, out4)
+            multi_topk_fvu = _squared_error(y, out4) / total_variance
+        fvu = _squared_error(y, sae_out) / total_variance
+        return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)
 
-    def _auxk_loss(self, x: Tensor, residual: Tensor, dead_mask: Tensor) -> Tensor:
-        """AuxK (Gao et al.): the dead latents' own top-k predicts the detached residual, b_dec excluded.
+    def _with_skip(self, x: Tensor, out: Tensor) -> Tensor:
+        """``out + x @ W_skip.T`` for skip transcoders (sparsify's [d_out, d_in] layout)."""
+        if self.W_skip is None:
+            return out
+        return out + x.to(out.dtype) @ self.W_skip.to(out.dtype).T
 
-        Runs the fused encode on the dead latents' rows only, so N x M is never materialised.
+    def _auxk_loss(self, x: Tensor, residual: Tensor, dead_mask: Tensor, total_variance: Tensor) -> Tensor:
+        """AuxK (Gao et al. 2024, App. B.1), with sparsify 1.3.3's constants:
+
+        the ``k_aux = d_out // 2`` dead latents with the highest scores reconstruct the detached
+        residual ``y - y_hat`` without ``b_dec``, and
+        ``loss = min(n_dead / k_aux, 1) * ||e_hat - residual||^2 / sum ||y - mean(y)||^2``.
+
+        Each dead latent codes as what it is: a binary latent ``1[z > 0]`` (STE gradient, score z), a
+        continuous one ``ReLU(pre)`` (score ReLU(pre)); a hybrid coder ranks its two parts together by
+        score. No host reads and no data-dependent shapes: the live latents' biases are shifted below
+        every dead latent's score and their slots zeroed, instead of selecting the dead rows with
+        ``nonzero``. So the loss is exactly 0 (with zero gradients) when nothing is dead, and the
+        extra memory is O(N * k_aux), never N x M.
         """
-        dead = dead_mask.nonzero().squeeze(1)
-        k_aux = min(self.d_in // 2, dead.numel())
-        if k_aux < 1:
+        half = self.d_out // 2  # sparsify's k_aux; the scale uses it even when M is smaller
+        k_aux = min(half, self.num_latents)
+        if k_aux < 1 or x.shape[0] == 0:
             return residual.new_zeros(())
-        scale = min(dead.numel() / k_aux, 1.0)
+        dead_mask = dead_mask.to(device=self.device, dtype=torch.bool)
+        if dead_mask.shape != (self.num_latents,):
+            raise ValueError(f"dead_mask must have shape ({self.num_latents},), got {tuple(dead_mask.shape)}")
         xe = self._encode_input(x)
-        W, b = self.encoder.weight[dead], self.encoder.bias[dead]
-        binary_dead = dead < self.binary_latents
-        if bool(binary_dead.all()):
-            theta_idx = dead
-            out = topk_binary_encode(xe, W, b, self.log_threshold[theta_idx], k_aux, ste=self.cfg.ste,
+        W, b = self.encoder.weight, self.encoder.bias
+        theta = self.log_threshold.exp() if self.log_threshold is not None else None
+        live_shift = _score_bound(xe, W, b, theta) * 2 + 1
+        b_aux = b + torch.where(dead_mask, 0.0, -live_shift).to(b.dtype)
+        Mb = self.binary_latents
+        parts = []
+        if Mb:
+            out = topk_binary_encode(xe, W[:Mb], b_aux[:Mb], self.log_threshold, min(k_aux, Mb), ste=self.cfg.ste,
                                      temperature=self.cfg.ste_temperature, backend=self.backend)
-            e_hat = sparse_decode(out.indices, out.acts, self.W_dec[dead], binary=True, backend=self.backend)
-        else:  # continuous (or mixed, hybrid): use the continuous values
-            out = topk_encode(xe, W, b, k_aux, backend=self.backend)
-            e_hat = sparse_decode(out.indices, out.acts, self.W_dec[dead], backend=self.backend)
-        return scale * fvu(residual, e_hat)
+            parts.append((out, 0))
+        if self.num_latents - Mb:
+            parts.append((topk_encode(xe, W[Mb:], b_aux[Mb:], min(k_aux, self.num_latents - Mb),
+                                      backend=self.backend), Mb))
+        acts = torch.cat([p.acts for p, _ in parts], 1)
+        indices = torch.cat([p.indices + offset for p, offset in parts], 1)
+        is_dead = dead_mask[indices]
+        if len(parts) > 1:  # hybrid: the best k_aux of both parts' candidates, dead ones first
+            scores = torch.cat([p.values for p, _ in parts], 1).float().masked_fill(~is_dead, -math.inf)
+            keep = scores.topk(k_aux, dim=1, sorted=False).indices
+            acts, indices, is_dead = acts.gather(1, keep), indices.gather(1, keep), is_dead.gather(1, keep)
+        # A live latent never contributes, whatever the STE would give it.
+        acts = acts * is_dead.to(acts.dtype)
+        e_hat = sparse_decode(indices, acts, self.W_dec, binary=Mb == self.num_latents, backend=self.backend)
+        scale = (dead_mask.sum() / half).clamp(max=1.0)
+        return scale * _squared_error(residual, e_hat) / total_variance
 
     @torch.no_grad()
     def init_from_batch(self, x: Tensor, y: Optional[Tensor] = None) -> None:

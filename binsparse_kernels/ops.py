@@ -401,7 +401,7 @@ def _backend_for(backend: Optional[str], device: torch.device, dtype: torch.dtyp
         if backend not in (None, "reference"):
             raise TypeError(f"float64 inputs are supported by the 'reference' backend only, not {backend!r}")
         return "reference"
-    return _backends.resolve_name(backend, device)
+    return _backends.resolve_name(backend, device, dtype)  # dtype: first-use self-check of GPU backends
 
 
 def _autocast(x: Tensor) -> Tensor:

@@ -200,9 +200,45 @@ def test_case_runs(benchmark, case, impl_name):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
     elif impl_name == "saelens":  # its own loss (MSE summed over d), not the FVU: one finite step
         assert torch.isfinite(out) and float(out) > 0
-    else:  # one training step from the same initial weights: same loss
+    else:  # one training step from the same initial weights: same loss, then the same update
         assert torch.isfinite(out) and 0 < float(out) < 10
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+        # The next step's loss is taken at the updated weights, so it checks the backward and the
+        # update (except a binary encoder's STE gradient, which moves no code at this lr; the op
+        # cases check it). Signum moves every weight by lr * sign(momentum): entries whose sign
+        # differs between implementations have gradients near 0, so they barely move this loss.
+        plain = _plain_steps(ref_case, 3)
+        for i in (1, 2):
+            got, expected = runner.run(runner.prepare(i)), ref.run(ref.prepare(i))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(expected, plain[i], rtol=1e-5, atol=1e-6)
+        assert abs(float(plain[1]) - float(_plain_steps(ref_case, 2, update=False)[1])) > 1e-3 * float(plain[1])
+
+
+def _plain_steps(case, n, update=True):
+    """The losses of ``n`` training steps written out with the reference backend: decoder rows
+    renormalised (SAEs), backward, parallel gradient removed, m = 0.95 m + 0.05 g, p -= 1e-4 sign(m)."""
+    inp = _inputs(case)
+    coder = cases.make_coder(case, inp, DEVICE, backend="reference")
+    sae = not coder.cfg.transcode
+    momentum = {p: torch.zeros_like(p) for p in coder.parameters()}
+    losses = []
+    for i in range(n):
+        if sae:
+            coder.set_decoder_norm_to_unit_norm()
+        x, y = inp.xs[i % inp.copies], inp.ys[i % inp.copies]  # the runners rotate through the copies
+        loss = coder(x, None if sae else y).fvu
+        loss.backward()
+        if sae:
+            coder.remove_gradient_parallel_to_decoder_directions()
+        with torch.no_grad():
+            for p, m in momentum.items():
+                m.mul_(0.95).add_(p.grad, alpha=0.05)
+                if update:
+                    p.sub_(1e-4 * m.sign())
+        coder.zero_grad()
+        losses.append(loss.detach())
+    return losses
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from binsparse_kernels.evaluation import _lm
+from binsparse_kernels.train import data as train_data
 from test_eval_splice import word_tokenizer
 
 
@@ -46,8 +47,6 @@ def test_load_eval_tokens_from_text_and_jsonl(tmp_path):
 def test_load_eval_tokens_keeps_only_the_trainers_held_out_chunks(tmp_path):
     """Without all_chunks, evaluating on the training dataset scores exactly the chunks the trainer
     holds out (train/data.py's split), never a training chunk."""
-    train_data = pytest.importorskip("binsparse_kernels.train.data")
-
     tok = word_tokenizer()
     text = " ".join(f"the {w} cat sat on a mat ." for w in ("red", "blue", "big", "small", "old", "new") * 40)
     (tmp_path / "t.txt").write_text(text)

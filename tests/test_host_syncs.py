@@ -78,12 +78,7 @@ def coder_step(coder, opt, x, y, dead, auxk_alpha):
     return out
 
 
-AUXK_PENDING = pytest.mark.xfail(
-    strict=True, reason="AuxK still reads the dead mask on the host (bool(dead_mask.any()), nonzero, "
-                        "bool(binary_dead.all())); the AuxK change in coder.py removes them: drop this mark then")
-
-
-@pytest.mark.parametrize("auxk", [False, pytest.param(True, marks=AUXK_PENDING)], ids=["no-auxk", "auxk"])
+@pytest.mark.parametrize("auxk", [False, True], ids=["no-auxk", "auxk"])
 @pytest.mark.parametrize("activation", ["topk_binary", "topk", "topk_hybrid"])
 def test_sparse_coder_step_has_no_host_syncs(activation, auxk):
     coder, opt = coder_and_optimizer(activation)

@@ -24,7 +24,6 @@ def test_own_sae_example_learns():
 
 @pytest.mark.parametrize("binary", [False, True], ids=["topk", "binary"])
 def test_sparsify_example(binary, tmp_path):
-    pytest.importorskip("sparsify")
     from binsparse_kernels.integrations.sparsify import unpatch_sparsify
 
     try:
@@ -37,7 +36,6 @@ def test_sparsify_example(binary, tmp_path):
 
 
 def test_saelens_example(tmp_path):
-    pytest.importorskip("sae_lens")
     from binsparse_kernels.integrations.saelens import unpatch_saelens
 
     try:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-sae_lens = pytest.importorskip("sae_lens")
-from sae_lens import SAE, SAETrainer, TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig  # noqa: E402
-from sae_lens import TrainingSAE  # noqa: E402
-from sae_lens.config import SAETrainerConfig  # noqa: E402
-from sae_lens.saes.sae import TrainStepInput  # noqa: E402
+from sae_lens import SAE, SAETrainer, TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens import TrainingSAE
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.sae import TrainStepInput
 
-from binsparse_kernels.coder import SparseCoder as BkCoder, SparseCoderConfig as BkConfig  # noqa: E402
-from binsparse_kernels.integrations import saelens as bsl  # noqa: E402
+from binsparse_kernels.coder import SparseCoder as BkCoder, SparseCoderConfig as BkConfig
+from binsparse_kernels.integrations import saelens as bsl
 
 D, M, K = 16, 64, 6
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sparsify = pytest.importorskip("sparsify")
-import sparsify.sparse_coder as sparsify_sc  # noqa: E402
-from sparsify import SparseCoderConfig, TrainConfig, Trainer  # noqa: E402
-from sparsify.utils import eager_decode  # noqa: E402
-from sparsify.fused_encoder import fused_encoder as stock_fused_encoder  # noqa: E402
+import sparsify
+import sparsify.sparse_coder as sparsify_sc
+from sparsify import SparseCoderConfig, TrainConfig, Trainer
+from sparsify.fused_encoder import fused_encoder as stock_fused_encoder
+from sparsify.utils import eager_decode
 
-from binsparse_kernels.coder import SparseCoder as BkCoder, SparseCoderConfig as BkConfig  # noqa: E402
-from binsparse_kernels.integrations import sparsify as bsp  # noqa: E402
+from binsparse_kernels.coder import SparseCoder as BkCoder, SparseCoderConfig as BkConfig
+from binsparse_kernels.integrations import sparsify as bsp
 
 
 @pytest.fixture(autouse=True)
@@ -262,6 +262,72 @@ def test_our_checkpoints_load_into_sparsify(variant, tmp_path):
             sparsify.SparseCoder.load_from_disk(tmp_path / "layers.3")
 
 
+@pytest.mark.parametrize("n_dead", [3, 50], ids=["few-dead", "many-dead"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_our_auxk_is_sparsifys(variant, n_dead):
+    """Our AuxK equals sparsify 1.3.3's (stock SparseCoder for TopK, BinarySparseCoder for binary):
+    k_aux = d_out // 2 = 10, scale min(n_dead / k_aux, 1), residual detached, b_dec excluded, divided by
+    the target's total variance. Binary coders: gradients too (stock TopK sends none to the encoder)."""
+    c = our_coder(variant)
+    dead = torch.zeros(80, dtype=torch.bool)
+    dead[torch.randperm(80)[:n_dead]] = True
+    x, y = torch.randn(40, 20), torch.randn(40, 20)
+    target = y if c.cfg.transcode else None
+    ours = c(x, target, dead_mask=dead, auxk_alpha=1.0).auxk_loss
+    sae = bsp.to_sparsify(c)
+    stock = sae(x, target, dead_mask=dead).auxk_loss
+    assert stock > 0
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-7)
+    stock.backward()
+    ours.backward()
+    for (name, p), q in zip(sae.named_parameters(), c.parameters()):
+        if p.grad is not None and (c.cfg.binary or name == "W_dec"):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("variant", ["TopK-SAE", "TopK-skip"])
+def test_multi_topk_fvu_against_sparsify(variant):
+    """Multi-TopK FVU: sparsify's for SAEs. For skip transcoders ours keeps the skip path in the 4k
+    reconstruction (the coder's whole prediction with 4k latents); sparsify 1.3.3 leaves it out."""
+    c = our_coder(variant)
+    c.cfg.multi_topk = True
+    x, y = torch.randn(40, 20), torch.randn(40, 20)
+    target = y if c.cfg.transcode else None
+    ours = c(x, target).multi_topk_fvu
+    sae = bsp.to_sparsify(c)
+    stock = sae(x, target).multi_topk_fvu
+    if c.W_skip is None:
+        torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-7)
+        return
+    codes = c.encode(x, 4 * c.cfg.k)
+    out4 = dense(codes.acts, codes.indices, 80).detach() @ c.W_dec.detach() + c.b_dec.detach()
+    skip = x @ c.W_skip.detach().T
+    total = (y - y.mean(0)).square().sum()
+    torch.testing.assert_close(ours, (out4 + skip - y).square().sum() / total, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(stock, (out4 - y).square().sum() / total, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["sae", "skip-transcoder"])
+def test_stock_sparsify_checkpoints_load_into_our_coder(name, tmp_path):
+    """Checkpoints written by plain sparsify (no d_out in cfg.json) read by our loader compute the same
+    function; a non-symmetric W_skip pins its orientation ([d_out, d_in], x @ W_skip.T)."""
+    cfg = SparseCoderConfig(**CONFIGS[name])
+    stock = sparsify.SparseCoder(24, cfg)
+    with torch.no_grad():
+        stock.b_dec.normal_(0, 0.1)
+        stock.encoder.bias.normal_(0, 0.1)
+        if cfg.transcode:
+            stock.W_dec.normal_(0, 0.2)
+            stock.W_skip.normal_(0, 0.3)
+            assert (stock.W_skip - stock.W_skip.T).abs().max() > 0.1
+    stock.save_to_disk(tmp_path / "layers.1")
+    ours = BkCoder.load(tmp_path / "layers.1")
+    assert ours.cfg.activation == "topk" and (ours.W_skip is not None) == cfg.skip_connection
+    x, y = torch.randn(30, 24), torch.randn(30, 24)
+    target = y if cfg.transcode else None
+    torch.testing.assert_close(ours(x, target).sae_out, stock(x, target).sae_out, rtol=1e-5, atol=1e-5)
+
+
 def test_hybrid_and_wide_transcoders_are_refused(tmp_path):
     hybrid = BkCoder(20, BkConfig(num_latents=80, k=6, activation="topk_hybrid"))
     with pytest.raises(ValueError, match="hybrid"):
@@ -291,30 +357,40 @@ def tiny_lm_and_data(n_seq=8, seq_len=16):
     return model, data
 
 
-def train(sae_cfg, tmp_path, name, **kw):
+def train(sae_cfg, tmp_path, name, first_grads=None, **kw):
+    """sparsify's Trainer, 4 steps of 2 sequences; ``first_grads`` (a dict) receives each parameter's
+    gradient at the first optimizer step."""
     model, data = tiny_lm_and_data()
     cfg = TrainConfig(sae=sae_cfg, batch_size=2, hookpoints=["layers.1"], log_to_wandb=False,
-                      save_dir=str(tmp_path), run_name=name, lr=1e-3, **kw)  # 4 steps of 2 sequences
+                      save_dir=str(tmp_path), run_name=name, lr=1e-3, **kw)
     trainer = Trainer(cfg, data, model)
+    if first_grads is not None:
+        def record(opt, args, kwargs):
+            if not first_grads:
+                first_grads.update({n: p.grad.clone() for n, p in trainer.saes["layers.1"].named_parameters()
+                                    if p.grad is not None})
+        trainer.optimizers[0].register_step_pre_hook(record)
     trainer.fit()
     return trainer
 
 
 def test_sparsify_trainer_runs_on_our_ops(tmp_path):
-    """4 steps of sparsify's Trainer (Signum, AuxK on) with and without the patch agree."""
+    """4 steps of sparsify's Trainer (Adam, AuxK on) with and without the patch agree: the first
+    step's gradients at fp32 rounding, the trained weights to 1e-5."""
     sae_cfg = dict(num_latents=64, k=4)
-    stock = train(SparseCoderConfig(**sae_cfg), tmp_path, "stock", auxk_alpha=1 / 32, dead_feature_threshold=0)
+    run = dict(auxk_alpha=1 / 32, dead_feature_threshold=0, optimizer="adam", lr_warmup_steps=1)
+    g_stock, g_ours = {}, {}
+    stock = train(SparseCoderConfig(**sae_cfg), tmp_path, "stock", g_stock, **run)
     with bsp.sparsify_patched():
-        ours = train(SparseCoderConfig(**sae_cfg), tmp_path, "ours", auxk_alpha=1 / 32, dead_feature_threshold=0)
+        ours = train(SparseCoderConfig(**sae_cfg), tmp_path, "ours", g_ours, **run)
     a, b = stock.saes["layers.1"], ours.saes["layers.1"]
     assert type(b) is bsp.BinarySparseCoder and not b.binary  # the patched Trainer's class, continuous
-    lr = 1e-3
+    assert g_stock.keys() == g_ours.keys() == {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
+    for n in g_stock:
+        assert g_stock[n].abs().max() > 0, n
+        torch.testing.assert_close(g_ours[n], g_stock[n], rtol=1e-5, atol=1e-7, msg=n)
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
-        # Signum steps by lr * sign(grad): a gradient entry within rounding of 0 may take the other
-        # sign on another backend, so allow a few such entries, each off by at most a few steps' worth.
-        diff = (q - p).abs()
-        assert (diff <= 1e-5).float().mean() > 0.995, n
-        assert diff.max() <= 8 * lr, n
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-5, msg=n)
     torch.manual_seed(0)  # the Trainer seeds each coder's init with its init_seed (0)
     fresh = sparsify.SparseCoder(16, SparseCoderConfig(**sae_cfg))
     assert (b.encoder.weight - fresh.encoder.weight).abs().max() > 1e-4  # it did train

@@ -123,7 +123,7 @@ def test_default_report_from_a_run(tiny_run):
     md = (out / "report.md").read_text()
     # Side-by-side table: one column per variant, binary first.
     assert "| metric | binary | topk | hybrid |" in md
-    for row in ("FVU", "CE increase (nats)", "KL(clean || spliced)", "L0 (firing latents per token)",
+    for row in ("FVU", "CE increase (nats)", r"KL(clean \|\| spliced)", "L0 (firing latents per token)",
                 "dead fraction (never fired)", "latents firing on >10% of tokens", "latents firing on >50% of tokens",
                 "proxy F1 (plain mean)", "proxy F1 (frequency-weighted)", "CE increase, all hookpoints at once"):
         assert f"| {row} |" in md, row
@@ -141,6 +141,79 @@ def test_default_report_from_a_run(tiny_run):
     m = results["variants"]["binary"]["hookpoints"]["layers.1"]
     assert m["activation"] == "topk_binary" and 0 < m["l0"] <= 4
     assert 0 <= m["fvu"] < 1.5 and m["interp_proxy"]["n_scored"] > 0
+    assert_summary_table_matches_results(md, results)
+
+
+# Each row of the report's summary table and where its numbers come from in results.json, written
+# out here rather than taken from report.SUMMARY_ROWS.
+HOOK_MEAN_ROWS = {"FVU": "fvu", "explained variance": "explained_variance", "CE increase (nats)": "ce_increase",
+                  "KL(clean || spliced)": "kl_div", "next-token accuracy drop": "accuracy_drop",
+                  "ce_loss_score": "ce_loss_score", "kl_div_score": "kl_div_score",
+                  "L0 (firing latents per token)": "l0", "dead fraction (never fired)": "dead_fraction",
+                  "latents firing on >10% of tokens": "count_over_10pct",
+                  "latents firing on >50% of tokens": "count_over_50pct", "cosine similarity": "cossim",
+                  "relative reconstruction bias": "relative_reconstruction_bias"}
+ALL_AT_ONCE_ROWS = {"CE increase, all hookpoints at once": "ce_increase", "KL, all hookpoints at once": "kl_div"}
+PROXY_ROWS = {"proxy F1 (plain mean)": "f1_mean", "proxy F1 (frequency-weighted)": "f1_weighted"}
+
+
+def parse_summary_table(md):
+    """(variant columns, {row label: {variant: cell}}), splitting rows on unescaped "|" as markdown does."""
+    import re
+
+    def cells(line):
+        assert line.startswith("|") and line.endswith("|"), line
+        return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line[1:-1])]
+
+    lines = md.split("## Side by side (mean over hookpoints)\n\n", 1)[1].splitlines()
+    header = cells(lines[0])
+    assert header[0] == "metric" and set(lines[1]) <= set("|-")
+    rows = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        row = cells(line)
+        assert len(row) == len(header), line
+        rows[row[0]] = dict(zip(header[1:], row[1:]))
+    return header[1:], rows
+
+
+def assert_summary_table_matches_results(md, results):
+    """Every cell of the summary table is the mean over hookpoints (or the all-at-once / proxy value)
+    of results.json, in the right column, to the digits shown."""
+    variants, rows = parse_summary_table(md)
+    assert set(variants) == set(results["variants"])
+    assert set(rows) == set(HOOK_MEAN_ROWS) | set(ALL_AT_ONCE_ROWS) | set(PROXY_ROWS)
+    for label, cells in rows.items():
+        for variant, cell in cells.items():
+            entry = results["variants"][variant]
+            if label in HOOK_MEAN_ROWS:
+                values = [m[HOOK_MEAN_ROWS[label]] for m in entry["hookpoints"].values()]
+                expected = sum(values) / len(values)
+            elif label in ALL_AT_ONCE_ROWS:  # one hookpoint: its own splice is all of them at once
+                together = entry["all_hookpoints"] if len(entry["hookpoints"]) > 1 else \
+                    next(iter(entry["hookpoints"].values()))
+                expected = together[ALL_AT_ONCE_ROWS[label]]
+            else:
+                expected = entry["interp_proxy"][PROXY_ROWS[label]]
+            assert cell != "-", (label, variant)
+            scale = 100 if cell.endswith("%") else 1
+            shown = cell.rstrip("%")
+            digits = len(shown.split(".")[1]) if "." in shown else 0
+            assert abs(float(shown) - scale * expected) <= 0.5 * 10 ** -digits + 1e-12, (label, variant, cell, expected)
+    # the columns are told apart by these rows, so a swap of two columns fails above
+    for label in ("FVU", "CE increase (nats)"):
+        assert len(set(rows[label].values())) == len(variants), rows[label]
+
+
+def test_recorded_default_run_report_matches_its_results():
+    """The published default run (docs/results/default-run-cpu, quoted in the README): its summary
+    table is its results.json."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "docs" / "results" / "default-run-cpu"
+    assert_summary_table_matches_results((folder / "report.md").read_text(),
+                                         json.loads((folder / "results.json").read_text()))
 
 
 def test_eval_and_report_commands(tiny_run, tmp_path, capsys):
@@ -248,7 +321,9 @@ def test_trainer_run_ends_with_the_report(tiny_run, tmp_path):
     """What ``binsparse train`` does at the end of a run (train/cli.py): the real Trainer on the tiny
     LM, then ``build_default_report`` with the same arguments; the held-out data comes from the run's
     trainer_state.pt."""
-    trainer_mod = pytest.importorskip("binsparse_kernels.train.trainer")
+    from binsparse_kernels.train import data as train_data
+    from binsparse_kernels.train import trainer as trainer_mod
+
     text = tmp_path / "text.txt"
     text.write_text(synthetic_text(600, seed=3))
     cfg = trainer_mod.TrainConfig(dataset=str(text), hookpoints=["layers.1.mlp"], variants=["binary", "topk"], k=4,
@@ -270,7 +345,6 @@ def test_trainer_run_ends_with_the_report(tiny_run, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["data"]["dataset"] == str(text) and results["ctx_len"] == CTX
     # Only the trainer's held-out chunks were scored.
-    train_data = pytest.importorskip("binsparse_kernels.train.data")
     _, held = train_data.load_chunks(tiny_run["tokenizer"], str(text), ctx_len=CTX)
     assert results["n_sequences"] == held.shape[0]
     for v in ("binary", "topk"):

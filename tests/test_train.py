@@ -1,8 +1,16 @@
-"""Short real trainings on the offline SmolLM2-135M's activations (CPU)."""
+"""Short real trainings on the offline SmolLM2-135M's activations (CPU), and the trainer's
+bookkeeping (resume, crashes, dead latents, options, CLI) on a tiny random Llama."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +19,9 @@ from binsparse_kernels.coder import SparseCoder
 from binsparse_kernels.train import TrainConfig, Trainer
 from binsparse_kernels.train import data as data_mod
 from binsparse_kernels.train import lm as lm_mod
+from test_eval_splice import synthetic_text, tiny_lm, word_tokenizer
 
-pytest.importorskip("gguf")
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +209,216 @@ def test_command_line_run_without_report(tmp_path, capsys):
         assert coder.cfg.activation == activation and coder.cfg.skip_connection and coder.num_latents == 576
     with pytest.raises(SystemExit):
         main(["train", "--layers", "1", "--hookpoints", "layers.1.mlp"])
+
+
+# -- the trainer's bookkeeping, on a tiny random Llama (hidden size 16) ------------------------------
+
+
+def tiny_chunks(n=64, seq=16):
+    return torch.randint(0, 64, (n, seq), generator=torch.Generator().manual_seed(2))
+
+
+def tiny_config(tmp_path, **kw):
+    base = dict(model="tiny", hookpoints=["layers.1.mlp"], variants=["binary", "topk"], k=4, num_latents=32,
+                batch_size=2, ctx_len=16, max_tokens=2 * 16 * 6, save_dir=str(tmp_path), run_name="run",
+                save_every=2, log_every=1, device="cpu", optimizer="adam", lr=1e-3, lr_warmup_steps=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def tiny_trainer(cfg):
+    return Trainer(cfg, tiny_lm(), None, chunks=tiny_chunks(), log=lambda *_: None)
+
+
+def metric_lines(path):
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_sec"}
+            for line in Path(path).read_text().splitlines()]
+
+
+def test_resume_after_a_crash_logs_each_step_once(tmp_path):
+    """Steps logged after the last save are repeated by the resumed run: metrics.jsonl keeps each once.
+    The resume is exact, here with a hybrid coder, grad_acc_steps=2, exclude_tokens and Adam's
+    warm-up ending after the resumed step."""
+    options = dict(variants=["binary", "topk", "hybrid"], grad_acc_steps=2, exclude_tokens=[3, 5], lr_warmup_steps=3,
+                   batch_size=1)
+    straight = tiny_trainer(tiny_config(tmp_path, run_name="straight", **options))
+    straight.train()
+    crashing = tiny_trainer(tiny_config(tmp_path, **options))
+    real_step = crashing._train_step
+
+    def crash_at_step_4(autocast):
+        if crashing.step == 3:  # steps 1-3 logged, the last save at step 2
+            raise RuntimeError("crash")
+        return real_step(autocast)
+
+    crashing._train_step = crash_at_step_4
+    with pytest.raises(RuntimeError, match="crash"):
+        crashing.train()
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "fvu/bin')  # a line cut short by the crash
+    resumed = tiny_trainer(tiny_config(tmp_path, resume=True, **options))
+    assert resumed.step == 2
+    resumed.train()
+    lines = metric_lines(tmp_path / "run" / "metrics.jsonl")
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert lines == metric_lines(tmp_path / "straight" / "metrics.jsonl")  # resume is exact
+    assert resumed.tokens_seen == straight.tokens_seen < 6 * 2 * 16  # excluded tokens are not counted
+    for key, coder in straight._all_coders:
+        for name, p in coder.state_dict().items():
+            assert torch.equal(dict(resumed._all_coders)[key].state_dict()[name], p), (key, name)
+    # a fresh (not resumed) run in the same folder starts a fresh metrics file
+    tiny_trainer(tiny_config(tmp_path, max_tokens=2 * 16 * 2)).train()
+    assert [line["step"] for line in metric_lines(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+CRASHING_CHILD = textwrap.dedent(f'''
+    import json, os, sys, time
+    import torch
+    sys.path.insert(0, {str(TESTS)!r})
+    from test_train import tiny_config, tiny_trainer
+
+    save_dir, paused_flag, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.set_num_threads(threads)
+    trainer = tiny_trainer(tiny_config(save_dir))
+    real_save = torch.save
+
+    def save_then_pause_at_step_4(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        if trainer.step == 4:  # the resume state of step 4: half written, then this process hangs
+            with open(f, "r+b") as out:
+                out.truncate(os.path.getsize(f) // 2)
+            open(paused_flag, "w").close()
+            time.sleep(600)
+
+    torch.save = save_then_pause_at_step_4  # what atomic_write's callback calls for trainer_state.pt
+    trainer.train()
+''')
+
+
+def test_sigkill_in_the_middle_of_a_save_then_resume(tmp_path):
+    """A real crash: the process is killed (SIGKILL, no cleanup runs) while trainer_state.pt's
+    temporary file is half written. Every checkpoint still loads, --resume continues from the last
+    complete save, the leftover temporary file is removed and each step is logged once."""
+    script, flag = tmp_path / "child.py", tmp_path / "paused"
+    script.write_text(CRASHING_CHILD)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(flag), str(torch.get_num_threads())],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not flag.exists():
+            assert child.poll() is None, f"the child ended before pausing: {child.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "the child never reached the save"
+            time.sleep(0.1)
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.stdout.close()
+    run = tmp_path / "run"
+    leftovers = list(run.glob("trainer_state.pt*.tmp"))
+    assert len(leftovers) == 1  # the half-written temporary file of the killed save
+    assert torch.load(run / "trainer_state.pt", weights_only=False)["step"] == 2  # the last complete save
+    for variant in ("binary", "topk"):
+        SparseCoder.load(run / variant / "layers.1.mlp")  # complete files (written at step 4)
+    assert [line["step"] for line in metric_lines(run / "metrics.jsonl")] == [1, 2, 3, 4]
+
+    resumed = tiny_trainer(tiny_config(tmp_path, resume=True))
+    assert resumed.step == 2
+    resumed.train()
+    assert not list(run.rglob("*.tmp"))
+    assert [line["step"] for line in metric_lines(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    straight = tiny_trainer(tiny_config(tmp_path, run_name="straight"))
+    straight.train()
+    for key, coder in straight._all_coders:
+        for name, p in coder.state_dict().items():
+            torch.testing.assert_close(dict(resumed._all_coders)[key].state_dict()[name], p, rtol=1e-6, atol=1e-7)
+
+
+def test_dead_latents_count_firings_not_selections(tmp_path):
+    """method.md: a latent fires when its act is nonzero; a binary latent selected with act 0 has not
+    fired. since_fired, the dead mask given to AuxK and dead_pct follow that, checked step by step
+    against the codes each coder produced; AuxK (auxk_alpha > 0) runs once latents are dead."""
+    threshold = 2 * 16 * 2  # tokens: latents can be dead from the third step on
+    cfg = tiny_config(tmp_path, variants=["binary", "topk", "hybrid"], k=12, num_latents=16, auxk_alpha=0.5,
+                      dead_feature_threshold=threshold, max_tokens=2 * 16 * 8, lr=1e-4, save_every=1000)
+    trainer = tiny_trainer(cfg)
+    with torch.no_grad():  # six binary latents sit far above reach: selected (k = 12 of 16), never firing
+        trainer.coders["binary"]["layers.1.mlp"].log_threshold[:6] = 14.0
+        trainer.coders["hybrid"]["layers.1.mlp"].log_threshold[:3] = 14.0
+    calls = {key: [] for key in trainer.since_fired}
+    for key, coder in trainer._all_coders:
+        def forward(*args, _real=coder.forward, _key=key, **kwargs):
+            out = _real(*args, **kwargs)
+            calls[_key].append((out.latent_acts.detach(), out.latent_indices, kwargs["dead_mask"], out.auxk_loss))
+            return out
+        coder.forward = forward
+    trainer.train()
+    lines = metric_lines(tmp_path / "run" / "metrics.jsonl")
+    for key, steps in calls.items():
+        assert len(steps) == 8
+        since = torch.zeros(16, dtype=torch.long)
+        selected_not_fired = saw_dead = False
+        for line, (acts, indices, dead_mask, auxk_loss) in zip(lines, steps):
+            dead = since >= threshold
+            if dead_mask is None:  # before any latent can be dead
+                assert line["step"] * 2 * 16 <= threshold and not dead.any()
+            else:
+                assert torch.equal(dead_mask, dead), key
+            assert line[f"dead_pct/{key}"] == pytest.approx(dead.float().mean().item()), key
+            assert (line[f"auxk/{key}"] > 0) == bool(dead.any()), key
+            fired = torch.zeros(16, dtype=torch.bool)
+            fired[indices[acts != 0]] = True
+            selected = torch.zeros(16, dtype=torch.bool)
+            selected[indices] = True
+            selected_not_fired |= bool((selected & ~fired).any())
+            saw_dead |= bool(dead.any())
+            since += 2 * 16
+            since[fired] = 0
+        assert torch.equal(trainer.since_fired[key], since), key
+        if not key.startswith("topk"):
+            assert selected_not_fired and saw_dead, key  # the case that tells firing from selection
+
+
+def test_exclude_tokens_drops_their_positions(tmp_path):
+    trainer = tiny_trainer(tiny_config(tmp_path, exclude_tokens=[3, 5]))
+    batch = tiny_chunks()[:2]
+    batch[0, :4] = 3
+    batch[1, 7] = 5
+    keep = ~torch.isin(batch.reshape(-1), torch.tensor([3, 5]))
+    plain = tiny_trainer(tiny_config(tmp_path, run_name="plain"))
+    x, y = trainer._activations(batch)["layers.1.mlp"]
+    x_all, y_all = plain._activations(batch)["layers.1.mlp"]
+    assert x.shape[0] == int(keep.sum()) < batch.numel()
+    assert torch.equal(x, x_all[keep]) and torch.equal(y, y_all[keep])
+    trainer.train()
+    assert trainer.tokens_seen == 6 * 2 * 16 - sum(int(torch.isin(trainer.chunks[i], torch.tensor([3, 5])).sum())
+                                                  for i in range(12))
+
+
+def test_command_line_sae_no_skip_and_resume(tmp_path, capsys):
+    """--sae, --no_skip_connection and --resume through `binsparse train`, on a tiny model on disk."""
+    from binsparse_kernels.cli import main
+
+    model_dir, text = tmp_path / "model", tmp_path / "text.txt"
+    tiny_lm().save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
+    text.write_text(synthetic_text(400, seed=4))
+    common = [str(model_dir), str(text), "--layers", "1", "--variants", "binary", "topk", "--k", "4",
+              "--num_latents", "32", "--batch_size", "2", "--ctx_len", "16", "--save_dir", str(tmp_path),
+              "--log_every", "1", "--save_every", "2", "--device", "cpu", "--no_report"]
+    assert main(["train", *common, "--sae", "--run_name", "sae", "--max_tokens", str(2 * 16 * 2)]) == 0
+    for variant in ("binary", "topk"):
+        coder = SparseCoder.load(tmp_path / "sae" / variant / "layers.1")  # --sae: the layer's output
+        assert not coder.cfg.transcode and coder.W_skip is None
+    assert main(["train", *common, "--no_skip_connection", "--run_name", "tc", "--max_tokens", str(2 * 16 * 2)]) == 0
+    coder = SparseCoder.load(tmp_path / "tc" / "binary" / "layers.1.mlp")
+    assert coder.cfg.transcode and coder.W_skip is None
+    capsys.readouterr()
+    assert main(["train", *common, "--no_skip_connection", "--run_name", "tc", "--max_tokens", str(2 * 16 * 4),
+                 "--resume"]) == 0
+    assert "resumed" in capsys.readouterr().out
+    state = torch.load(tmp_path / "tc" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 4 and state["config"]["resume"] is True
+    assert [line["step"] for line in metric_lines(tmp_path / "tc" / "metrics.jsonl")] == [1, 2, 3, 4]

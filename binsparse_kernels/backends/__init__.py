@@ -100,12 +100,24 @@ def available_backends() -> list[str]:
     return [name for name in NAMES if unavailable_reason(name) is None]
 
 
-def get(name: str | None, device: torch.device) -> ModuleType:
-    """The backend module to run on ``device``: ``name`` checked, or the fastest one if ``None``."""
+def get(name: str | None, device: torch.device, dtype: torch.dtype | None = None) -> ModuleType:
+    """The backend module to run on ``device``: ``name`` checked, or the fastest one if ``None``.
+
+    With ``dtype`` (the public ops pass it), a GPU backend also has to pass its first-use self-check
+    on this kind of device in this dtype (``self_check.first_use_failure``): with ``name=None`` a
+    backend that fails it is bypassed, with a warning, for the next one in the preference order; a
+    named backend that fails it raises.
+    """
     if name is None:
-        for candidate in _PREFERENCE.get(device.type, ("reference",)):
-            if device.type in _BACKENDS[candidate].devices() and unavailable_reason(candidate) is None:
-                return _load(candidate)
+        preference = _PREFERENCE.get(device.type, ("reference",))
+        for i, candidate in enumerate(preference):
+            if _usable(candidate, device):
+                def fallback(rest=preference[i + 1:]) -> str:  # named in the warning of a failed check
+                    return repr(next((c for c in rest if _usable(c, device)), "reference"))
+
+                if dtype is None or _self_check_failure(candidate, device, dtype, fallback) is None:
+                    return _load(candidate)
+                continue
             if candidate not in ("reference",) and candidate not in _warned and candidate in _failed:
                 _warned.add(candidate)
                 warnings.warn(f"{_failed[candidate]}; falling back to the next backend", stacklevel=3)
@@ -119,10 +131,26 @@ def get(name: str | None, device: torch.device) -> ModuleType:
         raise RuntimeError(
             f"backend {name!r} runs on {'/'.join(_BACKENDS[name].devices())} tensors, got tensors on {device}"
         )
+    if dtype is not None:
+        failure = _self_check_failure(name, device, dtype, None)
+        if failure is not None:
+            raise RuntimeError(f"{failure} Pass backend=None to fall back to a backend that passes, or set "
+                               "BINSPARSE_SELF_CHECK=0 to run it anyway.")
     return _load(name)
 
 
-def resolve_name(name: str | None, device: torch.device) -> str:
-    """The registry name of ``get(name, device)``."""
-    module = get(name, device)
+def _usable(name: str, device: torch.device) -> bool:
+    return device.type in _BACKENDS[name].devices() and unavailable_reason(name) is None
+
+
+def _self_check_failure(name: str, device: torch.device, dtype: torch.dtype,
+                        fallback: Callable[[], str] | None) -> str | None:
+    from .. import self_check  # imports this module: loaded on first use
+
+    return self_check.first_use_failure(name, device, dtype, fallback)
+
+
+def resolve_name(name: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The registry name of ``get(name, device, dtype)``."""
+    module = get(name, device, dtype)
     return next(n for n, m in _loaded.items() if m is module)

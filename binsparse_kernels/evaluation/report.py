@@ -95,8 +95,10 @@ def _format(key, value) -> str:
 
 
 def _md_table(header, rows) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-                     + ["| " + " | ".join(r) + " |" for r in rows])
+    def line(cells):  # a "|" inside a cell ("KL(clean || spliced)") would start a new column
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|"] + [line(r) for r in rows])
 
 
 # -- metrics.jsonl -----------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from schedulefree import ScheduleFreeWrapper
 from tqdm.auto import tqdm
 
 from .._checks import deferred_checks, raise_deferred
-from .._io import atomic_write
+from .._io import atomic_write, stale_temporaries
 from ..coder import SparseCoder, SparseCoderConfig
 from . import data as data_mod
 from . import lm as lm_mod
@@ -268,6 +268,38 @@ class Trainer:
             if self.world > 1:
                 dist.barrier()
 
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Keep the metric lines of steps <= ``step`` (the state this run starts from), atomically.
+
+        A resumed run repeats the steps after its last save, and a fresh run starts at 0: without
+        this their lines would appear twice. A line cut short by a crash is dropped too."""
+        if not self.metrics_path.is_file():
+            return
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("step", math.inf) <= step:
+                kept.append(line + "\n")
+        atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text("".join(kept)))
+
+    def _remove_stale_temporaries(self) -> None:
+        """A process killed in the middle of a save (SIGKILL, power loss) leaves ``atomic_write``'s
+        temporary file next to the file it was replacing, which is intact; remove those."""
+        targets = [self.state_path, self.metrics_path]
+        for key, _ in self._all_coders:
+            targets += [self.run_dir / key / "sae.safetensors", self.run_dir / key / "cfg.json"]
+        for target in targets:
+            for tmp in stale_temporaries(target):
+                tmp.unlink()
+                self.log(f"removed {tmp}, left by an interrupted save")
+
     def _load_state(self) -> None:
         if not self.state_path.is_file():
             raise FileNotFoundError(f"resume: no saved run at {self.state_path}")
@@ -337,8 +369,12 @@ class Trainer:
                      f"lr {lr:.3g}")
         self.log(f"model {self.model_label}; {self.total_steps} steps of {self.tokens_per_step} tokens"
                  f"{f' over {self.world} ranks' if self.world > 1 else ''}; run dir {self.run_dir}")
+        metrics = None
+        if self.rank == 0:
+            self._remove_stale_temporaries()
+            self._drop_metrics_after(self.step)
+            metrics = open(self.metrics_path, "a")
         old = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        metrics = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
         self._wandb = self._open_wandb()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0)
@@ -409,8 +445,12 @@ class Trainer:
                             for t in coder.state_dict().values():
                                 dist.broadcast(t, 0)
                     dead = self.since_fired[key] >= cfg.dead_feature_threshold
+                    # since_fired <= tokens_seen: before the threshold no latent can be dead, and
+                    # AuxK (exactly 0 then) need not run its extra encode
+                    maybe_dead = self.tokens_seen >= cfg.dead_feature_threshold
                     with autocast:
-                        out = coder(x, y if cfg.transcode else None, dead_mask=dead, auxk_alpha=cfg.auxk_alpha)
+                        out = coder(x, y if cfg.transcode else None, dead_mask=dead if maybe_dead else None,
+                                    auxk_alpha=cfg.auxk_alpha)
                     loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
                     (loss / cfg.grad_acc_steps).backward()
                     # a latent fires when its act is nonzero (binary: 1, not merely selected); counted
