@@ -109,11 +109,14 @@ def test_fused_op_equals_the_separate_ops(backend, dtype, binary):
         torch.testing.assert_close(g, w, **tol, msg=lambda m: f"grad of {name}: {m}")
 
 
-@pytest.mark.parametrize("backend", [b for b in bk.available_backends() if b != "reference"])
+@pytest.mark.parametrize("backend,dtype", [p for p in backend_params(dtypes=(torch.float32, torch.float16,
+                                                                              torch.bfloat16))
+                                           if p.values[0] != "reference"])
 @pytest.mark.parametrize("mode", [0, 1, 2, 3])
-def test_backend_coder_backward_matches_reference(backend, mode):
+def test_backend_coder_backward_matches_reference(backend, dtype, mode):
     """The backend function itself, every subset of needed gradients, a latent on every token (several
-    bucket segments in the Triton and CUDA backends)."""
+    bucket segments in the Triton and CUDA backends); 16-bit x, acts and grad_y with float32 weights
+    (rounded to the compute dtype by both), as under autocast."""
     device = device_for(backend)
     impl = bk.backends.get(backend, torch.device(device))
     g = torch.Generator().manual_seed(3)
@@ -126,6 +129,8 @@ def test_backend_coder_backward_matches_reference(backend, mode):
     args = [torch.randn(N, d_out, generator=g), torch.randn(N, k, generator=g), torch.randn(N, k, generator=g),
             indices, acts, values, torch.randn(N, d_in, generator=g), torch.randn(M, d_in, generator=g),
             torch.randn(M, d_out, generator=g)]
+    for i in (0, 4, 6):  # grad_y, acts, x in the compute dtype
+        args[i] = args[i].to(dtype)
     args = [a.to(device) for a in args]
     for need in [(True, True, True, True), (False, False, False, True), (True, False, False, False),
                  (False, True, True, False), (False, False, True, True)]:

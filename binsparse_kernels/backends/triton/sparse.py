@@ -567,8 +567,9 @@ def _launch_triples():
                 base = dict(dot_ptrs, w_ptr=f"*{_TY[w]}", g_ptr=f"*{_TY[a]}")
                 out.append((_bucket_dot_kernel, dict(base, ga_in_ptr="*fp32", gv_ptr="*fp32", v_ptr="*fp32"),
                             dict(BLOCK_E=BLOCK_E, BLOCK_D=bd, ROUND=_ROUND[a], MODE=0, WRITE_GA=True, WRITE_GZ=False)))
-                for m in (0, 1, 2, 3):
-                    out.append((_bucket_dot_kernel, dict(base, ga_in_ptr=f"*{_TY[a]}", gv_ptr=f"*{_TY[a]}"),
+                for m in (0, 1, 2, 3):  # TopK (mode 0): grad_values is ops.py's float32 zeros
+                    gv = "*fp32" if m == 0 else f"*{_TY[a]}"
+                    out.append((_bucket_dot_kernel, dict(base, ga_in_ptr=f"*{_TY[a]}", gv_ptr=gv),
                                 dict(BLOCK_E=BLOCK_E, BLOCK_D=bd, ROUND=_ROUND[a], MODE=m, WRITE_GA=False,
                                      WRITE_GZ=True)))
     bucket_ptrs = {"perm_ptr": "*i64", "offsets_ptr": "*i64", "seg_latent_ptr": "*i64", "seg_start_ptr": "*i64",
