@@ -3,15 +3,18 @@
     python benchmarks/bench_cpu_backend.py                 # N=4096, d=576, M=18432, k=32, float32
     python benchmarks/bench_cpu_backend.py --repeats 3 --N 1024 --coder continuous
 
-Five measurements per backend, each the median of ``--repeats`` timed runs after one warm-up, the
+Seven measurements per backend, each the median of ``--repeats`` timed runs after one warm-up, the
 backends taking turns run by run (the machine may be shared; both see the same load):
 
 * ``encode fwd``: backend.encode_forward (binary: top-k of x W_enc^T + b_enc - theta)
 * ``decode fwd``: backend.decode_forward of the codes, with b_dec
 * ``decode bwd``: backend.decode_backward, grad_acts and grad_W_dec
 * ``encode bwd``: backend.encode_backward (sigmoid STE for binary codes), grad_x, grad_W_enc, grad_b_enc
+* ``coder bwd``: backend.coder_backward, the two above in one call (one index transpose, the
+  decoder's grad_acts fed to the STE without a round trip)
 * ``full fwd+bwd``: encode + sparse_decode + MSE loss + backward through the public API, with every
   parameter (and x) requiring a gradient.
+* ``fused fwd+bwd``: the same with ``topk_*_encode_decode`` (what SparseCoder runs).
 
 Prints a markdown table (medians in ms and the reference/cpu ratio) and optionally writes JSON.
 """
@@ -74,7 +77,7 @@ def make_inputs(N, d, M, k, dtype, seed=0):
 
 
 def backend_cases(name, inputs, k, binary):
-    """The five timed callables for one backend."""
+    """The seven timed callables for one backend."""
     impl = backends.get(name, torch.device("cpu"))
     x, W_enc, b_enc, log_threshold, W_dec, b_dec, grad_y = inputs
     theta = log_threshold.exp() if binary else None
@@ -95,13 +98,26 @@ def backend_cases(name, inputs, k, binary):
         loss = (y.float() - x.float()).pow(2).sum()
         loss.backward()
 
+    def fused():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, W_enc, b_enc, log_threshold, W_dec, b_dec)]
+        xx, We, be, lt, Wd, bd = leaves
+        if binary:
+            y = bk.topk_binary_encode_decode(xx, We, be, lt, Wd, bd, k, backend=name).y
+        else:
+            y = bk.topk_encode_decode(xx, We, be, Wd, bd, k, backend=name).y
+        loss = (y.float() - x.float()).pow(2).sum()
+        loss.backward()
+
     return {
         "encode fwd": lambda: impl.encode_forward(x, W_enc, b_enc, theta, k, binary),
         "decode fwd": lambda: impl.decode_forward(indices, acts, W_dec, b_dec, binary),
         "decode bwd": lambda: impl.decode_backward(grad_y, indices, acts, W_dec, binary, True, True),
         "encode bwd": lambda: impl.encode_backward(grad_acts, grad_values, values, x, W_enc, indices, mode, 2.0,
                                                    True, True, True),
+        "coder bwd": lambda: impl.coder_backward(grad_y, grad_acts, grad_values, indices, acts, values, x, W_enc,
+                                                 W_dec, binary, mode, 2.0, True, True, True, True),
         "full fwd+bwd": full,
+        "fused fwd+bwd": fused,
     }
 
 

@@ -19,7 +19,9 @@ also a bf16 copy, the bytes ``F.embedding_bag`` reads):
 * backward: ``triton decode bwd`` (grad_acts + grad_W_dec), ``triton encode bwd`` (sigmoid STE,
   grad_W_enc + grad_b_enc, no grad_x), their sum, against ``index_add bwd``: the reference
   trainer's gather-dot for grad_acts plus ``index_add_`` of ``[N*k, d]`` products into float32
-  grad_W_dec and grad_W_enc; and the ``cuda`` backend's pair if built. Also once per shape: bitwise
+  grad_W_dec and grad_W_enc; and the ``cuda`` backend's pair if built. ``coder bwd``: the same
+  gradients from one ``coder_backward`` call (one index transpose; the decoder's grad_acts computed
+  latent by latent and fed to the STE). Also once per shape: bitwise
   reproducibility of the Triton backward and its agreement with backends/reference.py.
 
 Prints tables and writes JSON (device, versions, every timing) with ``--json``.
@@ -123,11 +125,16 @@ def bench_shape(d, M, args, dtype, hot, with_cuda):
     rec("triton bwd total", lambda: (sparse.decode_backward(grad_y, indices, acts, W_dec, True, True, True),
                                      sparse.encode_backward(gz, gz, values, x, W_enc, indices, 1, 2.0, False, True,
                                                             True)))
+    # the same gradients in one call: one index transpose, grad_acts latent by latent fused with the STE
+    rec("triton coder bwd", lambda: sparse.coder_backward(grad_y, gz, gz, indices, acts, values, x, W_enc, W_dec,
+                                                          True, 1, 2.0, False, True, True, True))
     if with_cuda:
         from binsparse_kernels.backends import cuda
         rec("cuda bwd total", lambda: (cuda.decode_backward(grad_y, indices, acts, W_dec, True, True, True),
                                        cuda.encode_backward(gz, gz, values, x, W_enc, indices, 1, 2.0, False, True,
                                                             True)))
+        rec("cuda coder bwd", lambda: cuda.coder_backward(grad_y, gz, gz, indices, acts, values, x, W_enc, W_dec,
+                                                          True, 1, 2.0, False, True, True, True))
     b = sparse._Buckets(indices, M, sparse.SEGMENT)
     rec("csr transpose (sort + bounds)", lambda: sparse._Buckets(indices, M, sparse.SEGMENT))
     out["largest bucket"] = int((b.offsets[1:] - b.offsets[:-1]).max())

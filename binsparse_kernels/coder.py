@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ._io import atomic_write
-from .ops import EncoderOutput, sparse_decode, topk_binary_encode, topk_encode
+from .ops import (EncoderOutput, sparse_decode, topk_binary_encode, topk_binary_encode_decode, topk_encode,
+                  topk_encode_decode)
 
 ACTIVATIONS = ("topk", "topk_binary", "topk_hybrid")
 _ALIASES = {"hybrid": "topk_hybrid"}
@@ -237,6 +238,28 @@ class SparseCoder(nn.Module):
                           backend=self.backend)
         return y + sparse_decode(top_indices[:, kb:] - Mb, top_acts[:, kb:], self.W_dec[Mb:], backend=self.backend)
 
+    def _encode_decode(self, x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(decode(codes), codes.acts, codes.indices)`` for ``codes = encode(x, k)``, on the fused
+        encode + decode ops: one backward op per part, which builds the index transpose once."""
+        if self.W_dec is None:
+            raise RuntimeError("this coder was loaded with decoder=False")
+        xe = self._encode_input(x)
+        W, b = self.encoder.weight, self.encoder.bias
+        Mb, kb = self.binary_latents, self.binary_k(k)
+        parts = []
+        if kb:
+            parts.append(topk_binary_encode_decode(xe, W[:Mb], b[:Mb], self.log_threshold, self.W_dec[:Mb], self.b_dec,
+                                                   kb, ste=self.cfg.ste, temperature=self.cfg.ste_temperature,
+                                                   backend=self.backend))
+        if k - kb:
+            parts.append(topk_encode_decode(xe, W[Mb:], b[Mb:], self.W_dec[Mb:], None if kb else self.b_dec, k - kb,
+                                            backend=self.backend))
+        if len(parts) == 1:
+            return parts[0].y, parts[0].acts, parts[0].indices
+        binary, continuous = parts
+        return (binary.y + continuous.y, torch.cat([binary.acts, continuous.acts], 1),
+                torch.cat([binary.indices, continuous.indices + Mb], 1))
+
     def forward(self, x: Tensor, y: Optional[Tensor] = None, *, dead_mask: Optional[Tensor] = None,
                 auxk_alpha: float = 0.0) -> ForwardOutput:
         """Encode, decode and score. ``y`` is the target (defaults to ``x`` for autoencoders).
@@ -248,8 +271,8 @@ class SparseCoder(nn.Module):
             if self.cfg.transcode:
                 raise ValueError("a transcoder needs its target y")
             y = x
-        top_acts, top_indices, _ = self.encode(x)
-        sae_out = self._with_skip(x, self.decode(top_acts, top_indices))
+        sae_out, top_acts, top_indices = self._encode_decode(x, self.cfg.k)
+        sae_out = self._with_skip(x, sae_out)
         total_variance = _total_variance(y)
         zero = sae_out.new_zeros((), dtype=torch.float32)
         auxk_loss = zero
@@ -259,8 +282,8 @@ class SparseCoder(nn.Module):
         if self.cfg.multi_topk:
             # The coder's whole prediction with 4k latents, skip path included (sparsify 1.3.3 leaves
             # W_skip out of its 4k reconstruction; see docs/TRAINING.md).
-            acts4, idx4, _ = self.encode(x, min(4 * self.cfg.k, self.num_latents))
-            out4 = self._with_skip(x, self.decode(acts4, idx4))
+            out4, _, _ = self._encode_decode(x, min(4 * self.cfg.k, self.num_latents))
+            out4 = self._with_skip(x, out4)
             multi_topk_fvu = _squared_error(y, out4) / total_variance
         fvu = _squared_error(y, sae_out) / total_variance
         return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)

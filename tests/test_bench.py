@@ -9,6 +9,7 @@ returns its result, which the tests check. ``pytest --benchmark-enable tests/tes
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import time
@@ -23,7 +24,7 @@ from binsparse_kernels.bench.cases import Case
 TINY = dict(N=96, d=32, M=256, k=8, dtype="float32")
 DEVICE = torch.device("cpu")
 BACKENDS = [n for n in harness.default_impls(DEVICE) if n not in baselines.BASELINES]
-OP_IMPLS = BACKENDS + ["eager", "sparsify"]  # compile: one case below (compiling costs seconds)
+OP_IMPLS = BACKENDS + ["eager", "sparsify", "saelens", baselines.FORMULATION]  # compile: one case below
 
 
 def _case(op, variant, coder="", **kw):
@@ -51,8 +52,8 @@ def _encode_decode_grads(impl, x, W_enc, b_enc, lt, W_dec, b_dec, k, binary, gra
             y.detach(), grads)
 
 
-@pytest.mark.parametrize("binary", [True, False], ids=["binary", "topk"])
-@pytest.mark.parametrize("baseline", ["eager", "sparsify"])
+@pytest.mark.parametrize("baseline,binary", [("eager", True), ("eager", False), (baselines.FORMULATION, True),
+                                             ("sparsify", False)])
 def test_baseline_matches_package_ops(baseline, binary):
     case = _case("backward", "binary" if binary else "topk")
     inp = _inputs(case, seed=3)
@@ -64,6 +65,8 @@ def test_baseline_matches_package_ops(baseline, binary):
     got = _encode_decode_grads(baselines.make_impl(baseline), *args)
     if binary:
         assert 0 < want[0].sum() < want[0].numel()
+    else:  # sparsify's backward does not mask ReLU zeros: every selected value here is positive
+        assert (want[2] > 0).all()
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)  # same latents selected
     for g, w in zip(got[:1] + got[2:4], want[:1] + want[2:4]):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
@@ -74,6 +77,71 @@ def test_baseline_matches_package_ops(baseline, binary):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
 
 
+def test_which_baseline_runs_which_case():
+    formulation, sparsify, saelens = (baselines.make_impl(n) for n in (baselines.FORMULATION, "sparsify", "saelens"))
+    for op in ("encode", "decode", "backward"):
+        assert formulation.supports(_case(op, "binary")) and not formulation.supports(_case(op, "topk"))
+        assert sparsify.supports(_case(op, "topk")) and sparsify.exact(_case(op, "topk"))
+        assert sparsify.supports(_case(op, "binary")) and not sparsify.exact(_case(op, "binary"))  # TopK stands in
+        assert not saelens.supports(_case(op, "topk"))
+    assert saelens.supports(_case("step", "topk", "bae")) and not saelens.supports(_case("step", "topk", "btc"))
+    assert saelens.supports(_case("step", "binary", "bae")) and not saelens.exact(_case("step", "binary", "bae"))
+    with pytest.raises(ValueError, match="does not run"):
+        cases.build(_case("encode", "topk"), formulation, _inputs(_case("encode", "topk")), DEVICE)
+
+
+@pytest.mark.parametrize("coder", cases.CODERS)
+def test_sparsify_library_step_matches_the_package_topk_coder(coder):
+    """The library's own SparseCoder, given the case's weights, has our TopK coder's loss and gradients
+    (up to its decoder renorm's eps): the baseline is the same training problem, run by the library."""
+    case = _case("step", "topk", coder)
+    inp = _inputs(case, seed=2)
+    x, y = inp.xs[0], inp.ys[0]
+    lib, lib_loss, _, _ = baselines.sparsify_step(case, inp, DEVICE)
+    ours = cases.make_coder(case, inp, DEVICE, backend="reference")
+    yy = None if coder == "bae" else y
+    got, want = lib_loss(x, yy), ours(x, yy).fvu
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.backward()
+    want.backward()
+    mine = dict(ours.named_parameters())
+    for name, p in lib.named_parameters():
+        torch.testing.assert_close(p.grad, mine[name].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_saelens_step_reconstructs_as_the_package_topk_sae():
+    """SAELens' TopK SAE with the case's weights (unit-norm W_dec, so its decoder-norm rescaling is a
+    no-op) selects the same latents and reconstructs x as our TopK SAE."""
+    case = _case("step", "topk", "bae")
+    inp = _inputs(case, seed=4)
+    x = inp.xs[0]
+    sae, loss, _, after = baselines.saelens_step(case, inp, DEVICE)
+    ours = cases.make_coder(case, inp, DEVICE, backend="reference")
+    torch.testing.assert_close(sae(x), ours(x).sae_out, rtol=1e-4, atol=1e-5)
+    value = loss(x, None)
+    value.backward()
+    after()  # clips the gradient norm to 1, as SAELens' trainer does
+    total = torch.cat([p.grad.reshape(-1) for p in sae.parameters() if p.grad is not None]).norm()
+    assert float(value.detach()) > 0 and float(total) <= 1.0 + 1e-5
+
+
+def test_cpu_peak_memory_shows_the_dense_n_by_m():
+    """The CPU peak column: the reference and the baselines hold N x M floats, the cpu backend's extra
+    memory is O(N*k + M*d) (here well under one N x M fp32 matrix)."""
+    case = Case("step", "binary", coder="btc", N=256, d=16, M=16384, k=8, dtype="float32")
+    nm_mib = case.N * case.M * 4 / 2**20  # 16 MiB; the cpu encode's bounded GEMM scratch here: 4 MiB
+    inp = _inputs(case)
+    peaks = {}
+    for name in ["reference", "eager", baselines.FORMULATION, "sparsify"] + (["cpu"] if "cpu" in BACKENDS else []):
+        runner = cases.build(case, baselines.make_impl(name), inp, DEVICE)
+        runner.run(runner.prepare(0))  # warm-up (optimizer state)
+        peaks[name] = harness.measure_memory(runner.prepare, runner.run, DEVICE)[0]
+    for name in ("reference", "eager", baselines.FORMULATION, "sparsify"):
+        assert peaks[name] >= nm_mib, (name, peaks)
+    if "cpu" in peaks:
+        assert 0 < peaks["cpu"] < nm_mib / 2, peaks
+
+
 @pytest.mark.parametrize("variant", cases.VARIANTS)
 @pytest.mark.parametrize("coder", cases.CODERS)
 def test_baseline_coder_matches_sparse_coder(coder, variant):
@@ -82,7 +150,8 @@ def test_baseline_coder_matches_sparse_coder(coder, variant):
     inp = _inputs(case, seed=1)
     x, y = inp.xs[0], (None if coder == "bae" else inp.ys[0])
     results = {}
-    for name in ("reference", "eager", "sparsify"):
+    others = ["eager"] + ([baselines.FORMULATION] if variant == "binary" else [])
+    for name in ["reference"] + others:
         model = cases.make_coder(case, inp, DEVICE, backend="reference")
         impl = baselines.make_impl(name)
         loss = model(x, y).fvu if name == "reference" else baselines.coder_fvu(model, impl, x, y)
@@ -90,7 +159,7 @@ def test_baseline_coder_matches_sparse_coder(coder, variant):
         results[name] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
     want_loss, want_grads = results["reference"]
     assert want_grads["encoder.weight"].abs().sum() > 0
-    for name in ("eager", "sparsify"):
+    for name in others:
         loss, grads = results[name]
         torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
         assert grads.keys() == want_grads.keys()
@@ -107,22 +176,30 @@ OP_CASES = [_case(op, v) for op in ("encode", "decode", "backward") for v in cas
 OP_CASES += [_case("step", v, c) for c in cases.CODERS for v in cases.VARIANTS]
 
 
-@pytest.mark.parametrize("impl_name", OP_IMPLS)
-@pytest.mark.parametrize("case", OP_CASES, ids=lambda c: c.name.split(" ")[0])
+RUNS = [(case, name) for case in OP_CASES for name in OP_IMPLS if baselines.make_impl(name).supports(case)]
+
+
+@pytest.mark.parametrize("case,impl_name", RUNS, ids=[f"{c.name.split(' ')[0]}-{n}" for c, n in RUNS])
 def test_case_runs(benchmark, case, impl_name):
+    impl = baselines.make_impl(impl_name)
     inp = _inputs(case)
-    runner = cases.build(case, baselines.make_impl(impl_name), inp, DEVICE)
+    runner = cases.build(case, impl, inp, DEVICE)
     out = benchmark(runner.run, runner.prepare(0))
-    # the same case run by the eager baseline, on fresh inputs from the same seed
-    ref_inp = _inputs(case)
-    ref = cases.build(case, baselines.make_impl("eager"), ref_inp, DEVICE)
+    # the same case run by the eager baseline, on fresh inputs from the same seed (a TopK library
+    # standing in on a binary case is compared with eager's TopK run of it; its decode of 0/1 codes
+    # is the binary decode)
+    ref_case = case if impl.exact(case) or case.op == "decode" else dataclasses.replace(case, variant="topk")
+    ref_inp = _inputs(ref_case)
+    ref = cases.build(ref_case, baselines.make_impl("eager"), ref_inp, DEVICE)
     want = ref.run(ref.prepare(0))
     if case.op in ("encode", "decode"):
         torch.testing.assert_close(runner.key(out), ref.key(want), rtol=1e-5, atol=1e-5)
     elif case.op == "backward":
-        assert len(out) == len(want) == (5 if case.binary else 4)
+        assert len(out) == len(want) == (5 if case.binary and impl.exact(case) else 4)
         for g, w in zip(out, want):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    elif impl_name == "saelens":  # its own loss (MSE summed over d), not the FVU: one finite step
+        assert torch.isfinite(out) and float(out) > 0
     else:  # one training step from the same initial weights: same loss, then the same update
         assert torch.isfinite(out) and 0 < float(out) < 10
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
@@ -130,12 +207,12 @@ def test_case_runs(benchmark, case, impl_name):
         # update (except a binary encoder's STE gradient, which moves no code at this lr; the op
         # cases check it). Signum moves every weight by lr * sign(momentum): entries whose sign
         # differs between implementations have gradients near 0, so they barely move this loss.
-        plain = _plain_steps(case, 3)
+        plain = _plain_steps(ref_case, 3)
         for i in (1, 2):
             got, expected = runner.run(runner.prepare(i)), ref.run(ref.prepare(i))
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(expected, plain[i], rtol=1e-5, atol=1e-6)
-        assert abs(float(plain[1]) - float(_plain_steps(case, 2, update=False)[1])) > 1e-3 * float(plain[1])
+        assert abs(float(plain[1]) - float(_plain_steps(ref_case, 2, update=False)[1])) > 1e-3 * float(plain[1])
 
 
 def _plain_steps(case, n, update=True):
@@ -234,7 +311,11 @@ def test_suite_results_complete(benchmark, tmp_path):
     assert "reference" in impls and set(baselines.BASELINES) <= set(impls)
     impls = [n for n in impls if n != "compile"]  # compile: test_compile_baseline
     results = benchmark(harness.run_suite, suite_cases, impls, DEVICE, options=FAST, log=None, preset="test")
-    assert [(r["case"], r["impl"]) for r in results.rows] == [(c.name, n) for c in suite_cases for n in impls]
+    runs = [(c.name, n) for c in suite_cases for n in impls if baselines.make_impl(n).supports(c)]
+    assert [(r["case"], r["impl"]) for r in results.rows] == runs
+    assert ("encode/binary", baselines.FORMULATION) in {(c.split(" ")[0], n) for c, n in runs}
+    assert ("decode/topk", baselines.FORMULATION) not in {(c.split(" ")[0], n) for c, n in runs}
+    assert ("step/bae-topk", "saelens") in {(c.split(" ")[0], n) for c, n in runs}
     for r in results.rows:
         assert r["status"] == "ok", r
         assert r["median_ms"] > 0 and r["min_ms"] <= r["median_ms"] and r["repeats"] >= 2
@@ -244,14 +325,20 @@ def test_suite_results_complete(benchmark, tmp_path):
         if r["op"] != "encode":
             assert r["copy_gbs"] > 0
         assert r["speedup_vs_eager"] > 0 and r["speedup_vs_sparsify"] > 0
-        assert r["peak_mb"] is None  # not measured on CPU, and said so in the metadata
+        assert (r.get("speedup_vs_formulation") is not None) == (r["variant"] == "binary")
+        assert r["peak_mb"] is not None and r["peak_mb"] >= 0 and r["extra_mb"] == r["peak_mb"]  # profiler, CPU
+        stand_in = r["impl"] in ("sparsify", "saelens") and r["variant"] == "binary"
+        assert (r.get("note") == "topk stand-in") == stand_in
         if r["op"] in ("encode", "decode") and r["impl"] != "eager":
-            assert r["check_vs"] == "eager" and r["max_rel_diff"] < 1e-5
+            if stand_in:
+                assert "check_vs" not in r
+            else:
+                assert r["check_vs"] == "eager" and r["max_rel_diff"] < 1e-5
     assert results.by(suite_cases[0].name, "eager")["speedup_vs_eager"] == 1.0
     meta = results.meta
     for key in ("device", "torch", "triton", "commit", "memory_note", "date_utc", "load_avg_start"):
         assert meta.get(key) not in (None, ""), key
-    assert meta["torch"] == torch.__version__ and "not measured" in meta["memory_note"]
+    assert meta["torch"] == torch.__version__ and "torch.profiler" in meta["memory_note"]
 
     json_path, csv_path = harness.write_results(results, tmp_path, "cpu-test")
     data = json.loads(json_path.read_text())
@@ -264,7 +351,7 @@ def test_suite_results_complete(benchmark, tmp_path):
     assert rows[0]["commit"] == meta["commit"] and int(rows[0]["N"]) == TINY["N"]
     assert float(rows[0]["median_ms"]) > 0
     table = harness.format_table(results)
-    assert table.count("\n") == len(results.rows) + 1 and "sparsify" in table
+    assert table.count("\n") == len(results.rows) + 1 and "sparsify (topk stand-in)" in table
 
 
 def test_compile_baseline(benchmark):
@@ -328,7 +415,7 @@ def test_cli(tmp_path, capsys):
     assert [line for line in listed if line] == [c.name for c in cases.preset("cpu-quick") if c.op == "decode"]
     argv = ["bench", "--preset", "cpu-quick", "--ops", "decode", "--variants", "binary", "--N", "64",
             "--impls", "eager,sparsify", "--min-time", "0", "--min-repeats", "2", "--max-repeats", "2",
-            "--out-dir", str(tmp_path), "--name", "cli-test"]
+            "--no-memory", "--out-dir", str(tmp_path), "--name", "cli-test"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "| decode/binary N=64" in out and "cli-test.json" in out

@@ -357,7 +357,7 @@ sys.exit(1 if failures else 0)
 def test_every_kernel_configuration_compiles_for_sm90_and_sm80():
     specs = sparse.aot_specs()
     names = {fn.__name__ for fn, _, _ in specs}
-    assert names == {"_gather_rows_kernel", "_dot_rows_kernel", "_ste_kernel", "_bucket_kernel",
+    assert names == {"_gather_rows_kernel", "_bucket_dot_kernel", "_ste_kernel", "_bucket_kernel",
                      "_bucket_reduce_kernel"}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

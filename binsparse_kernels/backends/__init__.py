@@ -1,12 +1,19 @@
 """Backend registry: which implementations exist, which load here, and which one ``backend=None`` picks.
 
-Every backend is a module exposing four functions with the signatures of ``backends/reference.py``:
+Every backend is a module exposing five functions with the signatures of ``backends/reference.py``:
 
     encode_forward(x, W_enc, b_enc, threshold, k, binary)            -> (values f32 [N,k], indices i64 [N,k])
     encode_backward(grad_acts, grad_values, values, x, W_enc, indices, mode, temperature,
                     need_x, need_W, need_b)                         -> (grad_x, grad_W_enc, grad_b_enc)
     decode_forward(indices, acts, W_dec, b_dec, binary)              -> y [N, d_out] (dtype of acts)
     decode_backward(grad_y, indices, acts, W_dec, binary, need_acts, need_W) -> (grad_acts, grad_W_dec)
+    coder_backward(grad_y, grad_acts, grad_values, indices, acts, values, x, W_enc, W_dec, binary, mode,
+                   temperature, need_x, need_W_enc, need_b_enc, need_W_dec)
+                                                                    -> (grad_x, grad_W_enc, grad_b_enc, grad_W_dec)
+
+``coder_backward`` is the backward of an encode followed by the decode of its codes (the fused
+``topk_*_encode_decode`` ops): ``decode_backward``'s grad_acts added to ``grad_acts`` and fed to
+``encode_backward``, in one call, so a backend builds its transpose of the indices once per step.
 
 Inputs reach a backend validated and contiguous. A new backend is one module plus one line in
 ``_BACKENDS``; callers never change.

@@ -26,3 +26,4 @@ encode_forward = _backend.encode_forward
 encode_backward = _backend.encode_backward
 decode_forward = _backend.decode_forward
 decode_backward = _backend.decode_backward
+coder_backward = _backend.coder_backward

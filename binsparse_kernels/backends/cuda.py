@@ -15,9 +15,10 @@ What the kernels do (details in ``benchmarks/CUDA_NOTES.md``):
   across CTAs when the rows alone do not fill the GPU, and the partial lists are merged by a second
   kernel. Among equal scores the lowest latent index wins, NaN ranks first; each row comes back
   sorted by decreasing value. k > 128 uses chunked GEMMs and an exact top-k on packed keys.
-* decode and backward: gathers with fp32 accumulators; weight gradients through a stable sort of
-  the indices by latent, with large buckets cut into fixed segments; no atomics, so the results
-  are bitwise reproducible.
+* decode and backward: gathers with fp32 accumulators; grad_acts and the weight gradients through
+  a stable sort of the indices by latent (built once per backward call; ``coder_backward`` serves
+  the decoder and the encoder with one), with large buckets cut into fixed segments; no atomics,
+  so the results are bitwise reproducible.
 
 The extension is built by ``setup.py`` when a CUDA toolkit is present. From a source checkout
 without an installed build, ``BINSPARSE_CUDA_JIT=1`` compiles ``csrc/cuda`` on first use with
@@ -29,6 +30,9 @@ from __future__ import annotations
 import glob
 import os
 
+import torch
+
+from .. import _checks
 from ._compiled import bind
 
 
@@ -60,11 +64,15 @@ def _load_extension():
 
 
 _load_extension()
+# Inside binsparse_kernels.deferred_checks() the extension's own index-range check (a host read)
+# is skipped; its kernels never read outside W_dec / W_enc either way.
+_checks.add_deferred_listener(torch.ops.binsparse.cuda_set_deferred_checks)
 _backend = bind("cuda")
 encode_forward = _backend.encode_forward
 encode_backward = _backend.encode_backward
 decode_forward = _backend.decode_forward
 decode_backward = _backend.decode_backward
+coder_backward = _backend.coder_backward
 
 # Largest k of the fused encode kernel; larger k takes the chunked fallback (csrc/cuda/encode_forward.cu).
 MAX_FUSED_K = 128

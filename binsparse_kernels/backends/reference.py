@@ -121,3 +121,21 @@ def decode_backward(grad_y, indices, acts, W_dec, binary: bool, need_acts: bool,
         grad_W = torch.zeros(W_dec.shape, dtype=acc, device=g.device)
         grad_W.index_add_(0, indices.reshape(-1), weight.reshape(-1, 1) * g[token])
     return grad_acts, grad_W
+
+
+def coder_backward(grad_y, grad_acts, grad_values, indices, acts, values, x, W_enc, W_dec, binary: bool, mode: int,
+                   temperature: float, need_x: bool, need_W_enc: bool, need_b_enc: bool, need_W_dec: bool):
+    """The backward of an encode followed by the decode of its codes, in one call.
+
+    The acts receive ``grad_acts`` (from outside) plus the decoder's gradient ``W_dec[indices] . grad_y``;
+    the encoder's gradients follow from that sum as in ``encode_backward``. Returns ``(grad_x,
+    grad_W_enc, grad_b_enc, grad_W_dec)`` in float32, ``None`` where not needed.
+    """
+    need_enc = need_x or need_W_enc or need_b_enc
+    grad_acts_dec, grad_W_dec = decode_backward(grad_y, indices, acts, W_dec, binary, need_enc, need_W_dec)
+    grad_x = grad_W_enc = grad_b_enc = None
+    if need_enc:
+        grad_x, grad_W_enc, grad_b_enc = encode_backward(grad_acts.to(grad_acts_dec.dtype) + grad_acts_dec, grad_values,
+                                                         values, x, W_enc, indices, mode, temperature, need_x,
+                                                         need_W_enc, need_b_enc)
+    return grad_x, grad_W_enc, grad_b_enc, grad_W_dec

@@ -5,6 +5,8 @@ Every implementation ("impl") offers
     encode(x, W_enc, b_enc, log_threshold, k, binary, temperature) -> (acts, indices, values)
     decode(indices, acts, W_dec, b_dec, binary)                     -> y
     wrap(fn)                                                         -> fn, or fn compiled
+    supports(case) / exact(case)                                     -> which cases it runs, and
+                                                                        whether it computes the case's own math
 
 with the semantics of ``binsparse_kernels.topk_binary_encode`` / ``topk_encode`` / ``sparse_decode``
 (binary: ``acts = 1[z > 0]`` at the top-k of ``z = x W_enc^T + b_enc - exp(log_threshold)`` with the
@@ -17,16 +19,26 @@ The baselines:
 * ``eager``: ``F.linear`` + ``torch.topk`` + ``F.embedding_bag``, gradients by plain autograd (the
   top-k backward scatters into a dense N x M gradient and ``F.linear``'s backward is a dense GEMM).
 * ``compile``: the same code under ``torch.compile`` (``dynamic=False``, a fresh compile per case).
-* ``sparsify``: the reference trainer's formulation (EleutherAI sparsify, binary branch),
-  re-implemented here from its description: ``F.linear`` + ``torch.topk`` forward (binary: subtract
-  the threshold in float32, binarize), decode by gathering the selected rows, and a hand-written
-  backward that builds an ``[N*k, d]`` product of per-slot gradients and gathered rows and
-  ``index_add_``s it into the dense weight gradient, in chunks of tokens.
+* ``sparsify``: the installed EleutherAI ``sparsify`` library itself (``eai-sparsify`` on PyPI): its
+  fused encoder (``sparsify.fused_encoder``: ``F.linear`` + ReLU + ``torch.topk`` forward, a sparse
+  ``index_add_`` backward), its decoder (its Triton ``embedding_bag`` on a GPU; on a CPU its own
+  eager fallback, ``F.embedding_bag``, which the library picks wherever its Triton kernel cannot
+  run) and, for steps, its ``SparseCoder`` module. The library has TopK coders only: on ``binary``
+  cases it runs its TopK coder at the same shape (what a user of the library would train instead),
+  so its rows there are not the case's math (no output check).
+* ``saelens``: SAELens' TopK SAE (``TopKTrainingSAE``, ``training_forward_pass``: a dense N x M
+  activation matrix and a dense decode GEMM) and the gradient clipping its trainer does every
+  step; training steps of SAEs (``bae``) only, TopK on ``binary`` cases as above.
+* ``binary-reference-formulation``: the binary coder's reference trainer (the paper's code, which is
+  not on PyPI), re-implemented here from its description, binary cases only: ``F.linear`` +
+  ``torch.topk`` forward (subtract the threshold in float32, binarize), decode by gathering the
+  selected rows, and a hand-written backward that builds an ``[N*k, d]`` product of per-slot
+  gradients and gathered rows and ``index_add_``s it into the dense weight gradient, in chunks of tokens.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +46,10 @@ from torch import Tensor
 
 import binsparse_kernels as bk
 
-BASELINES = ("eager", "compile", "sparsify")
+BASELINES = ("eager", "compile", "sparsify", "saelens", "binary-reference-formulation")
+FORMULATION = "binary-reference-formulation"
 
-# Tokens per chunk of the sparsify formulation's [chunk*k, d] products (bounds their memory).
+# Tokens per chunk of the binary reference formulation's [chunk*k, d] products (bounds their memory).
 CONTRIB_CHUNK = 4096
 
 
@@ -70,7 +83,7 @@ def eager_decode(indices: Tensor, acts: Tensor, W_dec: Tensor, b_dec: Tensor | N
 
 
 # ----------------------------------------------------------------------------------------------
-# sparsify: hand-written autograd.Functions, gathers and [N*k, d] index_add_ products
+# binary-reference-formulation: hand-written autograd.Functions, gathers and [N*k, d] index_add_ products
 # ----------------------------------------------------------------------------------------------
 
 
@@ -107,7 +120,7 @@ def _gather_sum(indices: Tensor, weights: Tensor, W: Tensor, dtype: torch.dtype)
     return torch.cat(out)
 
 
-class SparsifyEncode(torch.autograd.Function):
+class FormulationEncode(torch.autograd.Function):
     """Encode with a sparse hand-written backward (only the selected latents get gradients)."""
 
     @staticmethod
@@ -149,7 +162,7 @@ class SparsifyEncode(torch.autograd.Function):
         return grad_x, grad_W, grad_b, grad_t, None, None, None
 
 
-class SparsifyDecode(torch.autograd.Function):
+class FormulationDecode(torch.autograd.Function):
     """Decode by gathering the selected rows; backward via [N*k, d] products + ``index_add_``."""
 
     @staticmethod
@@ -168,15 +181,118 @@ class SparsifyDecode(torch.autograd.Function):
         return None, grad_acts, grad_W
 
 
-def sparsify_encode(x, W_enc, b_enc, log_threshold, k, binary, temperature=2.0):
+def formulation_encode(x, W_enc, b_enc, log_threshold, k, binary, temperature=2.0):
     if not binary:
         log_threshold = None
-    return SparsifyEncode.apply(x, W_enc, b_enc, log_threshold, k, binary, float(temperature))
+    return FormulationEncode.apply(x, W_enc, b_enc, log_threshold, k, binary, float(temperature))
+
+
+def formulation_decode(indices, acts, W_dec, b_dec, binary):
+    y = FormulationDecode.apply(indices, acts, W_dec)
+    return y if b_dec is None else y + b_dec.to(y.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# sparsify (the installed library) and SAELens
+# ----------------------------------------------------------------------------------------------
+
+
+def _autocast_to(x: Tensor):
+    """Autocast to x's dtype (a no-op for float32): how sparsify's SparseCoder runs its encoder."""
+    return torch.autocast(x.device.type, dtype=x.dtype, enabled=x.dtype != torch.float32)
+
+
+def _sparsify_decoder(device: torch.device):
+    """The library's decoder for ``device``: its Triton embedding_bag on a GPU, its eager fallback elsewhere."""
+    from sparsify import utils
+
+    return utils.triton_decode if device.type == "cuda" else utils.eager_decode
+
+
+class _SparsifyDecoder:
+    """Within the block, ``sparsify.SparseCoder`` decodes with ``_sparsify_decoder(device)`` (the
+    library binds its decoder once at import: the Triton one whenever Triton is installed)."""
+
+    def __init__(self, device: torch.device):
+        self.decoder = _sparsify_decoder(device)
+
+    def __enter__(self):
+        from sparsify import sparse_coder
+
+        self.saved = sparse_coder.decoder_impl
+        sparse_coder.decoder_impl = self.decoder
+
+    def __exit__(self, *exc):
+        from sparsify import sparse_coder
+
+        sparse_coder.decoder_impl = self.saved
+
+
+def sparsify_encode(x, W_enc, b_enc, log_threshold, k, binary, temperature=2.0):
+    """sparsify's fused encoder (TopK: ``binary`` cannot be honoured, see the module docstring)."""
+    from sparsify.fused_encoder import fused_encoder
+
+    with _autocast_to(x):
+        acts, indices, _pre_acts = fused_encoder(x, W_enc, b_enc, k, "topk")
+    return acts, indices, acts
 
 
 def sparsify_decode(indices, acts, W_dec, b_dec, binary):
-    y = SparsifyDecode.apply(indices, acts, W_dec)
-    return y if b_dec is None else y + b_dec.to(y.dtype)
+    """sparsify's ``SparseCoder.decode``: acts cast to the weights' dtype, the library's decoder, + b_dec."""
+    y = _sparsify_decoder(acts.device)(indices, acts.to(W_dec.dtype), W_dec.mT)
+    return y if b_dec is None else y + b_dec
+
+
+def sparsify_step(case, inputs, device):
+    """The library's own ``SparseCoder`` with the case's weights: (module, loss, before, after)."""
+    from sparsify import SparseCoder as LibCoder
+    from sparsify import SparseCoderConfig as LibConfig
+
+    btc = case.coder == "btc"
+    cfg = LibConfig(activation="topk", num_latents=case.M, k=case.k, transcode=btc, skip_connection=btc,
+                    normalize_decoder=not btc)
+    coder = LibCoder(case.d, cfg, device=device, dtype=torch.float32)
+    with torch.no_grad():
+        coder.encoder.weight.copy_(inputs.W_enc)
+        coder.encoder.bias.copy_(inputs.b_enc)
+        coder.W_dec.copy_(inputs.W_dec if not btc else inputs.W_dec * 0.1)
+        coder.b_dec.copy_(inputs.b_dec)
+        if coder.W_skip is not None:
+            coder.W_skip.normal_(0, 0.01 / case.d**0.5, generator=torch.Generator(device).manual_seed(1))
+    decoder = _SparsifyDecoder(device)
+
+    def loss(x, y):
+        with decoder:
+            return coder(x, y if btc else None).fvu
+
+    if btc:
+        return coder, loss, None, None
+    return coder, loss, coder.set_decoder_norm_to_unit_norm, coder.remove_gradient_parallel_to_decoder_directions
+
+
+def saelens_step(case, inputs, device):
+    """SAELens' TopK training SAE with the case's weights: (module, loss, before, after); ``after``
+    clips the gradient norm to 1 as ``SAETrainer._train_step`` does."""
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    if case.coder != "bae":
+        raise ValueError("the saelens baseline covers SAE steps (bae) only")
+    cfg = TopKTrainingSAEConfig(d_in=case.d, d_sae=case.M, k=case.k, dtype="float32", device=str(device))
+    sae = TopKTrainingSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(inputs.W_enc.T)
+        sae.b_enc.copy_(inputs.b_enc)
+        sae.W_dec.copy_(inputs.W_dec)
+        sae.b_dec.copy_(inputs.b_dec)
+    sae.train()
+
+    def loss(x, y):
+        step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0,
+                              is_logging_step=False)
+        return sae.training_forward_pass(step).loss
+
+    return sae, loss, None, lambda: torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,11 +301,31 @@ def sparsify_decode(indices, acts, W_dec, b_dec, binary):
 
 
 class Impl:
-    """One implementation under test: a package backend or a baseline."""
+    """One implementation under test: a package backend or a baseline.
 
-    def __init__(self, name: str, kind: str, encode: Callable, decode: Callable, compiled: bool = False):
+    ``variants``: the variants it computes exactly; ``topk_stand_in``: it also runs ``binary``
+    cases, with its TopK coder; ``ops`` / ``coders``: the ops and step coders it runs;
+    ``make_step(case, inputs, device) -> (module, loss(x, y), before, after)``: a library's own
+    training module for steps (``before``: runs before the forward, e.g. the decoder renorm;
+    ``after``: between the backward and the optimizer step), instead of ``coder_fvu``.
+    """
+
+    def __init__(self, name: str, kind: str, encode: Callable, decode: Callable, compiled: bool = False, *,
+                 variants=("binary", "topk"), topk_stand_in: bool = False, ops=("encode", "decode", "backward", "step"),
+                 coders=("bae", "btc"), make_step: Optional[Callable] = None):
         self.name, self.kind, self.compiled = name, kind, compiled
         self.encode, self.decode = encode, decode
+        self.variants, self.topk_stand_in, self.ops, self.coders = variants, topk_stand_in, ops, coders
+        self.make_step = make_step
+
+    def supports(self, case) -> bool:
+        if case.op not in self.ops or (case.op == "step" and case.coder not in self.coders):
+            return False
+        return case.variant in self.variants or (case.variant == "binary" and self.topk_stand_in)
+
+    def exact(self, case) -> bool:
+        """Whether it computes the case's own math (False: its TopK coder stands in for a binary one)."""
+        return case.variant in self.variants
 
     def wrap(self, fn: Callable) -> Callable:
         """``fn`` as this impl runs it: compiled (afresh, static shapes) for the compile baseline."""
@@ -217,13 +353,23 @@ def backend_impl(name: str) -> Impl:
     return Impl(name, "backend", encode, decode)
 
 
+def _unavailable(*args, **kwargs):
+    raise RuntimeError("this baseline runs whole training steps only")
+
+
 def baseline_impl(name: str) -> Impl:
     if name == "eager":
         return Impl(name, "baseline", eager_encode, eager_decode)
     if name == "compile":
         return Impl(name, "baseline", eager_encode, eager_decode, compiled=True)
     if name == "sparsify":
-        return Impl(name, "baseline", sparsify_encode, sparsify_decode)
+        return Impl(name, "baseline", sparsify_encode, sparsify_decode, variants=("topk",), topk_stand_in=True,
+                    make_step=sparsify_step)
+    if name == "saelens":
+        return Impl(name, "baseline", _unavailable, _unavailable, variants=("topk",), topk_stand_in=True,
+                    ops=("step",), coders=("bae",), make_step=saelens_step)
+    if name == FORMULATION:
+        return Impl(name, "baseline", formulation_encode, formulation_decode, variants=("binary",))
     raise ValueError(f"unknown baseline {name!r}; choose from {list(BASELINES)}")
 
 

@@ -10,7 +10,9 @@ A case is one operation at one shape:
 * ``step``: one whole training step of a sparse coder, ``bae`` (SAE: encodes ``x - b_dec``,
   unit-norm decoder rows) or ``btc`` (skip transcoder): decoder renorm, forward, FVU, backward,
   gradient projection, a Signum update. Package backends run ``SparseCoder(backend=...)``;
-  baselines run the same coder's parameters through ``baselines.coder_fvu``.
+  ``eager``, ``compile`` and the binary reference formulation run the same coder's parameters
+  through ``baselines.coder_fvu``; the ``sparsify`` and ``saelens`` baselines run their library's
+  own training module with the same weights (``Impl.make_step``).
 
 ``variant`` is ``binary`` (binary TopK codes, sigmoid STE) or ``topk`` (continuous TopK).
 """
@@ -128,7 +130,8 @@ def _paper():
 def _cpu():
     ops = _ops_grid([("SmolLM2-135M", 576, 18432)], (32,), (4096,), "float32")
     steps = _steps([("SmolLM2-135M/8x", 576, 4608)], 32, 2048, "float32")
-    return ops + steps
+    gemm_bound_steps = _steps([("SmolLM2-135M", 576, 18432)], 32, 4096, "float32")  # where the encode GEMM dominates
+    return ops + steps + gemm_bound_steps
 
 
 def _cpu_quick():
@@ -139,7 +142,8 @@ PRESETS: dict[str, tuple[str, Callable[[], list[Case]]]] = {
     "quick": ("GPU, bf16: d=576 M=36864 N=16384 k=32 every op and step, plus d=2048 M=131072 binary ops", _quick),
     "paper": ("GPU, bf16: both SmolLM2 sizes x both widths x k in 16..128 at N=16384, k=32 at N=65536, "
               "steps at k=32 (long: split it with --models/--ops/--k)", _paper),
-    "cpu": ("CPU, fp32: ops at N=4096 d=576 M=18432 k=32; steps at N=2048 d=576 M=4608 k=32", _cpu),
+    "cpu": ("CPU, fp32: ops at N=4096 d=576 M=18432 k=32; steps at N=2048 d=576 M=4608 k=32 and at "
+            "N=4096 M=18432", _cpu),
     "cpu-quick": ("CPU, fp32, seconds: N=512 d=128 M=2048 k=16, every op and step", _cpu_quick),
 }
 
@@ -296,10 +300,13 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 
 def build(case: Case, impl: baselines.Impl, inputs: Inputs, device: torch.device) -> Runner:
-    """How ``impl`` runs ``case`` on ``inputs``."""
+    """How ``impl`` runs ``case`` on ``inputs`` (``impl.supports(case)``; a TopK library standing in
+    on a binary case runs its TopK coder)."""
+    if not impl.supports(case):
+        raise ValueError(f"{impl.name} does not run {case.name}")
     n = inputs.copies
     W_enc, b_enc, lt, W_dec, b_dec = inputs.W_enc, inputs.b_enc, inputs.log_threshold, inputs.W_dec, inputs.b_dec
-    k, binary = case.k, case.binary
+    k, binary = case.k, case.binary and impl.exact(case)
 
     if case.op == "encode":
         fn = impl.wrap(lambda x: impl.encode(x, W_enc, b_enc, lt, k, binary, TEMPERATURE))
@@ -338,32 +345,37 @@ def build(case: Case, impl: baselines.Impl, inputs: Inputs, device: torch.device
 
         def run(ctx):
             y, grad_y = ctx
-            return torch.autograd.grad(y, params, grad_y)
+            return torch.autograd.grad(y, params, grad_y.to(y.dtype))
 
         return Runner(prepare, run)
 
-    # step
+    # step: decoder renorm (SAEs), forward, backward, gradient projection (SAEs), optimizer
     dtype = case.torch_dtype
+    sae = case.coder == "bae"
     if impl.kind == "backend":
-        coder = make_coder(case, inputs, device, backend=impl.name)
+        model = make_coder(case, inputs, device, backend=impl.name)
 
         def loss_fn(x, y):
-            return coder(x, y).fvu
+            return model(x, y).fvu
+    elif impl.make_step is not None:  # a library's own training module
+        model, loss_fn, before, after = impl.make_step(case, inputs, device)
     else:
-        coder = make_coder(case, inputs, device)
-        loss_fn = impl.wrap(lambda x, y: baselines.coder_fvu(coder, impl, x, y))
-    opt = Signum(coder.parameters())
-    sae = not coder.cfg.transcode
+        model = make_coder(case, inputs, device)
+        loss_fn = impl.wrap(lambda x, y: baselines.coder_fvu(model, impl, x, y))
+    if impl.make_step is None:
+        before = model.set_decoder_norm_to_unit_norm if sae else None
+        after = model.remove_gradient_parallel_to_decoder_directions if sae else None
+    opt = Signum(model.parameters())
 
     def run(ctx):
         x, y = ctx
-        if sae:
-            coder.set_decoder_norm_to_unit_norm()
+        if before is not None:
+            before()
         with _autocast(device, dtype):
             loss = loss_fn(x, None if sae else y)
         loss.backward()
-        if sae:
-            coder.remove_gradient_parallel_to_decoder_directions()
+        if after is not None:
+            after()
         opt.step()
         opt.zero_grad()
         return loss.detach()

@@ -7,10 +7,12 @@ inputs cached), and the median of the calls is reported. GPU calls are timed wit
 ``time.perf_counter``. On a CPU a case's impls and floor measurements run in interleaved rounds
 (``measure_interleaved``), so load from other processes hits them alike; on a GPU one at a time.
 
-Memory: on a GPU, one extra call with ``torch.cuda.max_memory_allocated`` reset just before it;
-``peak_mb`` is the allocator's peak (inputs and weights included) and ``extra_mb`` the peak above
-what was allocated when the call started (the op's workspace and outputs). On a CPU it is not
-measured (torch has no allocator statistics there); the fields are left empty.
+Memory: one extra, untimed call. On a GPU with ``torch.cuda.max_memory_allocated`` reset just
+before it: ``peak_mb`` is the allocator's peak (inputs and weights included) and ``extra_mb`` the
+peak above what was allocated when the call started (the op's workspace and outputs). On a CPU
+under ``torch.profiler`` with ``profile_memory=True``, which records every CPU allocation and free:
+``peak_mb`` = ``extra_mb`` = the peak of the bytes the call allocated and had not yet freed (inputs
+and weights, allocated before the call, are not in it).
 
 Floors, measured in the same run:
 
@@ -162,10 +164,12 @@ def measure(prepare: Callable[[int], object], run: Callable[[object], object], d
 
 def measure_memory(prepare: Callable[[int], object], run: Callable[[object], object],
                    device: torch.device) -> tuple[Optional[float], Optional[float]]:
-    """(peak MiB, MiB above the allocation at the call's start) of one call; (None, None) on a CPU."""
-    if device.type != "cuda":
-        return None, None
+    """(peak MiB, MiB above the allocation at the call's start) of one call (see the module docstring)."""
     ctx = prepare(0)
+    if device.type != "cuda":
+        extra = cpu_peak_bytes(lambda: run(ctx))
+        del ctx
+        return extra / 2**20, extra / 2**20
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -174,6 +178,26 @@ def measure_memory(prepare: Callable[[int], object], run: Callable[[object], obj
     peak = torch.cuda.max_memory_allocated(device)
     del out, ctx
     return peak / 2**20, (peak - before) / 2**20
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the CPU bytes ``fn()`` allocated and had not freed yet (its output counted while
+    alive): the running sum, in time order, of the allocation (+bytes) and free (-bytes) records
+    that ``torch.profiler`` keeps with ``profile_memory=True``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # else kineto logs every profiler start/stop on stderr
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    records = [e for e in prof.profiler.kineto_results.events()
+               if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+    current = peak = 0
+    for record in sorted(records, key=lambda e: e.start_ns()):
+        current += record.nbytes()
+        peak = max(peak, current)
+    return peak
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -370,6 +394,10 @@ def default_impls(device: torch.device) -> list[str]:
     return names + list(baselines.BASELINES)
 
 
+SPEEDUP_VS = {"eager": "eager", "sparsify": "sparsify", "saelens": "saelens",
+              baselines.FORMULATION: "formulation"}  # impl -> column suffix of speedup_vs_<suffix>
+
+
 @dataclass
 class Options:
     warmup: int = 2
@@ -419,7 +447,10 @@ def run_suite(cases: Sequence[Case], impls: Optional[Sequence[str]] = None, devi
         meta = environment(device)
         meta.update(preset=preset, impls=impls, rotate_bytes=rotate, options={**vars(options), "interleave": interleave},
                     memory_note=("peak_mb/extra_mb: torch.cuda.max_memory_allocated" if device.type == "cuda"
-                                 else "peak memory not measured on CPU (no allocator statistics)"),
+                                 else "peak_mb = extra_mb: peak of the bytes allocated during the call "
+                                      "(torch.profiler, profile_memory=True); inputs and weights not included"),
+                    topk_stand_in_note=("rows with note 'topk stand-in': a TopK-only library runs its TopK coder "
+                                        "on a binary case (no output check)"),
                     value_checks_note=("data-dependent input checks of the ops "
                                        + ("on" if options.value_checks else "off (BINSPARSE_CHECK_VALUES=0)")))
         say(f"# {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit'][:10]}"
@@ -439,7 +470,12 @@ def _status(exc: BaseException) -> str:
 def _run_case(case: Case, impls: list[str], device: torch.device, rotate: int, options: Options,
               interleave: bool, say) -> list:
     base = {"case": case.name, **case.to_dict()}
+    made = {name: baselines.make_impl(name) for name in impls}
+    impls = [name for name in impls if made[name].supports(case)]  # e.g. a binary-only formulation
     rows = {name: {**base, "impl": name, "kind": _kind(name)} for name in impls}
+    for name in impls:
+        if not made[name].exact(case):
+            rows[name]["note"] = "topk stand-in"
     try:
         inputs = make_inputs(case, device, rotate)
         floors = {f"floor:{k}": r for k, r in floor_runners(case, device, rotate).items()}
@@ -449,13 +485,14 @@ def _run_case(case: Case, impls: list[str], device: torch.device, rotate: int, o
     timing_kw = dict(warmup=options.warmup, min_repeats=options.min_repeats, max_repeats=options.max_repeats,
                      min_time_s=options.min_time_s)
     ref_name = _check_reference(impls) if options.check and case.op in ("encode", "decode") else None
+    checked = [name for name in impls if made[name].exact(case)]
     # Every impl's first output, reduced to a comparable tensor (encode/decode), for the check.
     firsts: dict = {}
-    memory = options.memory and device.type == "cuda"
+    memory = options.memory
 
     def build_runner(name):
         try:
-            return build(case, baselines.make_impl(name), inputs, device)
+            return build(case, made[name], inputs, device)
         except Exception as exc:  # noqa: BLE001
             rows[name]["status"] = _status(exc)
             return None
@@ -469,7 +506,7 @@ def _run_case(case: Case, impls: list[str], device: torch.device, rotate: int, o
 
     if interleave:  # every runner alive at once, timed round-robin together with the floors
         runners = {name: r for name in impls if (r := build_runner(name)) is not None}
-        keys = {name: r.key for name, r in runners.items() if r.key is not None and ref_name}
+        keys = {name: r.key for name, r in runners.items() if r.key is not None and ref_name and name in checked}
         # torch.compile'd CPU code brings its own OpenMP threads, which spin after each call and
         # slow whatever runs next (measured: 2-5x on 2 cores): compiled impls get rounds of their own.
         alone = [name for name in runners if name in COMPILED]
@@ -491,7 +528,7 @@ def _run_case(case: Case, impls: list[str], device: torch.device, rotate: int, o
             runner = build_runner(name)
             if runner is None:
                 continue
-            keys = {name: runner.key} if runner.key is not None and ref_name else {}
+            keys = {name: runner.key} if runner.key is not None and ref_name and name in checked else {}
             timings.update(measure_interleaved({name: runner}, device, keys=keys, first_outputs=firsts, **timing_kw))
             _free(device)
             if memory and isinstance(timings.get(name), Timing):
@@ -536,10 +573,10 @@ def _run_case(case: Case, impls: list[str], device: torch.device, rotate: int, o
     _free(device)
     for name in impls:
         row = rows[name]
-        for ref in ("eager", "sparsify"):
+        for ref, suffix in SPEEDUP_VS.items():
             other = rows.get(ref)
             if row.get("status") == "ok" and other and other.get("status") == "ok":
-                row[f"speedup_vs_{ref}"] = other["median_ms"] / row["median_ms"]
+                row[f"speedup_vs_{suffix}"] = other["median_ms"] / row["median_ms"]
         say("    " + _short(row))
     return list(rows.values())
 
@@ -560,16 +597,18 @@ def _short(row: dict) -> str:
 # Output
 # ----------------------------------------------------------------------------------------------
 
-CSV_FIELDS = ("case", "op", "variant", "coder", "model", "N", "d", "M", "k", "dtype", "impl", "kind", "status",
+CSV_FIELDS = ("case", "op", "variant", "coder", "model", "N", "d", "M", "k", "dtype", "impl", "kind", "note", "status",
               "median_ms", "min_ms", "q1_ms", "q3_ms", "repeats", "floor_ms", "floor", "x_floor",
-              "speedup_vs_eager", "speedup_vs_sparsify", "peak_mb", "extra_mb", "check_vs", "max_rel_diff",
+              "speedup_vs_eager", "speedup_vs_sparsify", "speedup_vs_saelens", "speedup_vs_formulation",
+              "peak_mb", "extra_mb", "check_vs", "max_rel_diff",
               "copies", "device", "torch", "triton", "commit")
 
 
 def format_table(results: Results) -> str:
     """A markdown table: one row per (case, impl)."""
-    head = ("| case | impl | median ms | IQR ms | floor ms | x floor | vs eager | vs sparsify | peak MiB | status |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    head = ("| case | impl | median ms | IQR ms | floor ms | x floor | vs eager | vs sparsify | vs saelens "
+            "| vs formulation | peak MiB | status |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     lines = [head]
 
     def f(v, fmt):
@@ -578,10 +617,11 @@ def format_table(results: Results) -> str:
     for r in results.rows:
         ok = r.get("status") == "ok"
         lines.append("| " + " | ".join([
-            r["case"], r["impl"], f(r.get("median_ms"), ".3f"),
+            r["case"], r["impl"] + (f" ({r['note']})" if r.get("note") else ""), f(r.get("median_ms"), ".3f"),
             f"{r['q1_ms']:.3f}-{r['q3_ms']:.3f}" if ok else "",
             f(r.get("floor_ms"), ".3f"), f(r.get("x_floor"), ".2f"),
             f(r.get("speedup_vs_eager"), ".2f"), f(r.get("speedup_vs_sparsify"), ".2f"),
+            f(r.get("speedup_vs_saelens"), ".2f"), f(r.get("speedup_vs_formulation"), ".2f"),
             f(r.get("peak_mb"), ".0f"), "ok" if ok else str(r.get("status", "")).replace("|", "/"),
         ]) + " |")
     return "\n".join(lines)

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from schedulefree import ScheduleFreeWrapper
 from tqdm.auto import tqdm
 
+from .._checks import deferred_checks, raise_deferred
 from .._io import atomic_write, stale_temporaries
 from ..coder import SparseCoder, SparseCoderConfig
 from . import data as data_mod
@@ -125,7 +126,8 @@ def make_optimizer(cfg: TrainConfig, coder: SparseCoder, total_steps: int):
     lr = cfg.lr or default_lr(cfg.optimizer, coder.cfg.activation, coder.num_latents)
     if cfg.optimizer == "signum":
         return ScheduleFreeWrapper(SignSGD(coder.parameters(), lr), momentum=0.95), None, lr
-    opt = torch.optim.Adam(coder.parameters(), lr=lr)
+    # fused: the step counters stay tensors on the parameters' device (no host read per step)
+    opt = torch.optim.Adam(coder.parameters(), lr=lr, fused=True)
 
     def schedule(step):  # warm-up, then linear decay to 0
         if step < cfg.lr_warmup_steps:
@@ -378,25 +380,30 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0)
         t0, tokens0, logged = time.perf_counter(), self.tokens_seen, 0
         try:
-            while self.step < self.total_steps and not self._stop_requested():
-                record = self._train_step(autocast)
-                self.step += 1
-                bar.update(1)
-                if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                    rate = (self.tokens_seen - tokens0) / max(time.perf_counter() - t0, 1e-9)
-                    record.update(step=self.step, tokens=self.tokens_seen, tokens_per_sec=rate)
-                    if metrics is not None:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                    if self._wandb is not None and logged % self.cfg.wandb_log_frequency == 0:
-                        self._wandb.log(record, step=self.step)
-                    logged += 1
-                    fvus = [v for k, v in record.items() if k.startswith("fvu/")]
-                    bar.set_postfix(tok_s=f"{rate:.0f}", fvu=f"{sum(fvus) / len(fvus):.3f}",
-                                    l0=f"{max(v for k, v in record.items() if k.startswith('l0/')):.1f}",
-                                    dead=f"{max(v for k, v in record.items() if k.startswith('dead_pct/')):.2f}")
-                if self.step % self.cfg.save_every == 0:
-                    self.save()
+            # The ops' input checks record bad input on the device; it is raised at the logging
+            # steps, which read the metrics anyway: no host sync in the steps between.
+            with deferred_checks():
+                while self.step < self.total_steps and not self._stop_requested():
+                    record = self._train_step(autocast)
+                    self.step += 1
+                    bar.update(1)
+                    if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                        raise_deferred()
+                        record = {name: float(value) for name, value in record.items()}  # the one host read
+                        rate = (self.tokens_seen - tokens0) / max(time.perf_counter() - t0, 1e-9)
+                        record.update(step=self.step, tokens=self.tokens_seen, tokens_per_sec=rate)
+                        if metrics is not None:
+                            metrics.write(json.dumps(record) + "\n")
+                            metrics.flush()
+                        if self._wandb is not None and logged % self.cfg.wandb_log_frequency == 0:
+                            self._wandb.log(record, step=self.step)
+                        logged += 1
+                        fvus = [v for k, v in record.items() if k.startswith("fvu/")]
+                        bar.set_postfix(tok_s=f"{rate:.0f}", fvu=f"{sum(fvus) / len(fvus):.3f}",
+                                        l0=f"{max(v for k, v in record.items() if k.startswith('l0/')):.1f}",
+                                        dead=f"{max(v for k, v in record.items() if k.startswith('dead_pct/')):.2f}")
+                    if self.step % self.cfg.save_every == 0:
+                        self.save()
             if self._saved_step != self.step:
                 self.save()
         finally:
@@ -446,20 +453,24 @@ class Trainer:
                                     auxk_alpha=cfg.auxk_alpha)
                     loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
                     (loss / cfg.grad_acc_steps).backward()
-                    # a latent fires when its act is nonzero (binary: 1, not merely selected)
-                    fired[key][out.latent_indices[out.latent_acts.detach() != 0]] = True
-                    for name, value in ((f"fvu/{key}", out.fvu.item()),
-                                        (f"l0/{key}", float((out.latent_acts != 0).sum(1).float().mean())),
-                                        (f"auxk/{key}", out.auxk_loss.item() if cfg.auxk_alpha else None)):
+                    # a latent fires when its act is nonzero (binary: 1, not merely selected); counted
+                    # with index_add_ rather than a boolean mask (a data-dependent shape, a host sync)
+                    active = (out.latent_acts.detach() != 0).reshape(-1).to(torch.int32)
+                    hits = torch.zeros(fired[key].shape, dtype=torch.int32, device=active.device)
+                    fired[key] |= hits.index_add_(0, out.latent_indices.reshape(-1), active) > 0
+                    # metrics stay tensors until a logging step reads them
+                    for name, value in ((f"fvu/{key}", out.fvu.detach()),
+                                        (f"l0/{key}", (out.latent_acts.detach() != 0).sum(1).float().mean()),
+                                        (f"auxk/{key}", out.auxk_loss.detach() if cfg.auxk_alpha else None)):
                         if value is not None:
                             record[name] = record.get(name, 0.0) + value / cfg.grad_acc_steps
-                    record[f"dead_pct/{key}"] = float(dead.float().mean())
+                    record[f"dead_pct/{key}"] = dead.float().mean()
         if self.world > 1:
             n_tokens = self._all_reduce_step(fired, record, n_tokens)
         self.tokens_seen += n_tokens
         for key, was_fired in fired.items():
             self.since_fired[key] += n_tokens
-            self.since_fired[key][was_fired] = 0
+            self.since_fired[key].masked_fill_(was_fired, 0)
             record[f"explained_variance/{key}"] = 1 - record[f"fvu/{key}"]
         for key, coder in self._all_coders:
             opt, sched, _ = self.optimizers[key]
@@ -490,8 +501,9 @@ class Trainer:
             dist.all_reduce(mask, op=dist.ReduceOp.MAX)
             fired[key] = mask.bool()
         names = sorted(record)
-        values = torch.tensor([record[n] for n in names] + [float(n_tokens)], dtype=torch.float64, device=self.device)
+        values = torch.stack([torch.as_tensor(record[n], dtype=torch.float64, device=self.device).reshape(())
+                              for n in names] + [torch.tensor(float(n_tokens), dtype=torch.float64, device=self.device)])
         dist.all_reduce(values)
         for i, name in enumerate(names):
-            record[name] = values[i].item() / self.world
-        return int(values[-1].item())
+            record[name] = values[i] / self.world
+        return int(values[-1].item())  # tokens differ by rank only with exclude_tokens

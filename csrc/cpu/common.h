@@ -133,5 +133,9 @@ Tensor decode_forward(const Tensor& indices, const Tensor& acts, const Tensor& W
                       const std::optional<Tensor>& b_dec, bool binary);
 std::tuple<Tensor, Tensor> decode_backward(const Tensor& grad_y, const Tensor& indices, const Tensor& acts,
                                            const Tensor& W_dec, bool binary, bool need_acts, bool need_W);
+std::tuple<Tensor, Tensor, Tensor, Tensor> coder_backward(
+    const Tensor& grad_y, const Tensor& grad_acts, const Tensor& grad_values, const Tensor& indices,
+    const Tensor& acts, const Tensor& values, const Tensor& x, const Tensor& W_enc, const Tensor& W_dec, bool binary,
+    int64_t mode, double temperature, bool need_x, bool need_W_enc, bool need_b_enc, bool need_W_dec);
 
 }  // namespace binsparse_cpu

@@ -1,4 +1,4 @@
-// Encoder: chunked GEMM + exact per-row top-k (forward), sparse straight-through backward.
+// Encoder forward: chunked GEMM + exact per-row top-k (the backward is in backward.cpp).
 #include "common.h"
 
 #include <algorithm>
@@ -72,34 +72,6 @@ void sort_row(float* v, int64_t* ix, int64_t k, std::vector<std::pair<float, int
   }
 }
 
-// d(act)/d(value) of reference.ste_factor. Modes: 0 relu, 1 sigmoid, 2 rectangle, 3 identity.
-inline float grad_z(float ga, float gv, float v, int64_t mode, float t) {
-  switch (mode) {
-    case 0: return (ga + gv) * (v > 0.f ? 1.f : 0.f);
-    case 1: {
-      const float s = 1.f / (1.f + std::exp(-(v / t)));
-      return ga * (s * (1.f - s)) + gv;
-    }
-    case 2: return ga * (std::fabs(v / t) < 0.5f ? 1.f : 0.f) + gv;
-    default: return ga * 1.f + gv;
-  }
-}
-
-template <typename C, typename W>
-void grad_x_kernel(const float* gz, const int64_t* idx, const W* Wp, float* gx, int64_t N, int64_t k, int64_t d) {
-  at::parallel_for(0, N, 16, [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf(d);
-    for (int64_t t = t0; t < t1; ++t) {
-      float* out = gx + t * d;
-      std::fill(out, out + d, 0.f);
-      for (int64_t j = 0; j < k; ++j) {
-        const float g = gz[t * k + j];
-        vec_axpy(g, row_as_float<C>(Wp + idx[t * k + j] * d, d, buf.data()), out, d);
-      }
-    }
-  });
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor> encode_forward(const Tensor& x_in, const Tensor& W_in, const Tensor& b_in,
@@ -163,85 +135,6 @@ std::tuple<Tensor, Tensor> encode_forward(const Tensor& x_in, const Tensor& W_in
     for (int64_t t = t0; t < t1; ++t) sort_row(vals + t * k, ixs + t * k, k, tmp);
   });
   return {values, indices};
-}
-
-std::tuple<Tensor, Tensor, Tensor> encode_backward(const Tensor& grad_acts_in, const Tensor& grad_values_in,
-                                                   const Tensor& values_in, const Tensor& x_in, const Tensor& W_in,
-                                                   const Tensor& indices_in, int64_t mode, double temperature,
-                                                   bool need_x, bool need_W, bool need_b) {
-  check_float(grad_acts_in, "grad_acts");
-  check_float(grad_values_in, "grad_values");
-  check_float(values_in, "values");
-  check_float(x_in, "x");
-  check_float(W_in, "W_enc");
-  check_index(indices_in, "indices");
-  check_ndim(x_in, "x", 2);
-  check_ndim(W_in, "W_enc", 2);
-  check_ndim(indices_in, "indices", 2);
-  const int64_t N = x_in.size(0), d = x_in.size(1), M = W_in.size(0), k = indices_in.size(1);
-  check_shape(W_in, "W_enc", {M, d});
-  check_shape(indices_in, "indices", {N, k});
-  check_shape(values_in, "values", {N, k});
-  check_shape(grad_acts_in, "grad_acts", {N, k});
-  check_shape(grad_values_in, "grad_values", {N, k});
-  TORCH_CHECK(mode >= 0 && mode <= 3, "mode must be 0 (relu), 1 (sigmoid), 2 (rectangle) or 3 (identity), got ", mode);
-  TORCH_CHECK(!(mode == 1 || mode == 2) || (temperature > 0 && std::isfinite(temperature)),
-              "temperature must be a positive finite number, got ", temperature);
-
-  const Tensor indices = indices_in.contiguous();
-  check_indices_in_range(indices, M, "indices");
-  const Tensor ga = grad_acts_in.to(at::kFloat).contiguous();
-  const Tensor gv = grad_values_in.to(at::kFloat).contiguous();
-  const Tensor v = values_in.to(at::kFloat).contiguous();
-  const auto f32 = x_in.options().dtype(at::kFloat);
-
-  // grad_z at every selected (token, slot).
-  Tensor gz = at::empty({N, k}, f32);
-  {
-    const float *gap = ga.data_ptr<float>(), *gvp = gv.data_ptr<float>(), *vp = v.data_ptr<float>();
-    float* gzp = gz.data_ptr<float>();
-    const float t = static_cast<float>(temperature);
-    at::parallel_for(0, N * k, 4096, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) gzp[p] = grad_z(gap[p], gvp[p], vp[p], mode, t);
-    });
-  }
-  const float* gzp = gz.data_ptr<float>();
-  const int64_t* idx = indices.data_ptr<int64_t>();
-
-  Tensor grad_x = at::empty({0}, f32), grad_W = at::empty({0}, f32), grad_b = at::empty({0}, f32);
-  if (need_x) {
-    grad_x = at::empty({N, d}, f32);
-    const Tensor W = W_in.contiguous();
-    dispatch_float(W.scalar_type(), "W_enc", [&](auto w_tag) {
-      using W_t = decltype(w_tag);
-      dispatch_float(x_in.scalar_type(), "x", [&](auto c_tag) {
-        using C_t = decltype(c_tag);
-        grad_x_kernel<C_t, W_t>(gzp, idx, W.data_ptr<W_t>(), grad_x.data_ptr<float>(), N, k, d);
-      });
-    });
-  }
-  if (need_W) {
-    grad_W = at::empty({M, d}, f32);
-    const Tensor x = x_in.to(at::kFloat).contiguous();
-    const float* xp = x.data_ptr<float>();
-    float* gWp = grad_W.data_ptr<float>();
-    const LatentBuckets buckets = bucket_by_latent(idx, N * k, M);
-    parallel_over_latents(buckets, M, [&](int64_t i) {
-      float* out = gWp + i * d;
-      std::fill(out, out + d, 0.f);
-      for (int64_t q = buckets.offsets[i]; q < buckets.offsets[i + 1]; ++q) {
-        const int64_t p = buckets.order[q];
-        vec_axpy(gzp[p], xp + (p / k) * d, out, d);
-      }
-    });
-  }
-  if (need_b) {
-    // Sequential in (token, slot) order: the same order the per-latent buckets would use.
-    grad_b = at::zeros({M}, f32);
-    float* gbp = grad_b.data_ptr<float>();
-    for (int64_t p = 0; p < N * k; ++p) gbp[idx[p]] += gzp[p];
-  }
-  return {grad_x, grad_W, grad_b};
 }
 
 }  // namespace binsparse_cpu

@@ -24,6 +24,11 @@ Tensor decode_forward(const Tensor& indices, const Tensor& acts, const Tensor& W
                       bool binary);
 std::tuple<Tensor, Tensor> decode_backward(const Tensor& grad_y, const Tensor& indices, const Tensor& acts,
                                            const Tensor& W_dec, bool binary, bool need_acts, bool need_W);
+std::tuple<Tensor, Tensor, Tensor, Tensor> coder_backward(
+    const Tensor& grad_y, const Tensor& grad_acts, const Tensor& grad_values, const Tensor& indices,
+    const Tensor& acts, const Tensor& values, const Tensor& x, const Tensor& W_enc, const Tensor& W_dec, bool binary,
+    int64_t mode, double temperature, bool need_x, bool need_W_enc, bool need_b_enc, bool need_W_dec);
+void set_deferred_checks(bool deferred);
 
 }  // namespace binsparse_cuda
 
@@ -36,6 +41,11 @@ TORCH_LIBRARY_FRAGMENT(binsparse, m) {
   m.def("cuda_decode_forward(Tensor indices, Tensor acts, Tensor W_dec, Tensor? b_dec, bool binary) -> Tensor");
   m.def("cuda_decode_backward(Tensor grad_y, Tensor indices, Tensor acts, Tensor W_dec, bool binary,"
         " bool need_acts, bool need_W) -> (Tensor, Tensor)");
+  m.def("cuda_coder_backward(Tensor grad_y, Tensor grad_acts, Tensor grad_values, Tensor indices, Tensor acts,"
+        " Tensor values, Tensor x, Tensor W_enc, Tensor W_dec, bool binary, int mode, float temperature,"
+        " bool need_x, bool need_W_enc, bool need_b_enc, bool need_W_dec) -> (Tensor, Tensor, Tensor, Tensor)");
+  // No tensor arguments, so no dispatch key: one kernel for every call (see backends/cuda.py).
+  m.def("cuda_set_deferred_checks(bool deferred) -> ()", &binsparse_cuda::set_deferred_checks);
 }
 
 TORCH_LIBRARY_IMPL(binsparse, CUDA, m) {
@@ -43,6 +53,7 @@ TORCH_LIBRARY_IMPL(binsparse, CUDA, m) {
   m.impl("cuda_encode_backward", &binsparse_cuda::encode_backward);
   m.impl("cuda_decode_forward", &binsparse_cuda::decode_forward);
   m.impl("cuda_decode_backward", &binsparse_cuda::decode_backward);
+  m.impl("cuda_coder_backward", &binsparse_cuda::coder_backward);
 }
 
 // An empty Python module: importing it loads the library, which runs the registrations above.

@@ -35,5 +35,6 @@ encode_forward = _no_bf16_on_cpu(_encode.encode_forward)
 encode_backward = _no_bf16_on_cpu(_sparse.encode_backward)
 decode_forward = _no_bf16_on_cpu(_sparse.decode_forward)
 decode_backward = _no_bf16_on_cpu(_sparse.decode_backward)
+coder_backward = _no_bf16_on_cpu(_sparse.coder_backward)
 
-__all__ = ["encode_forward", "encode_backward", "decode_forward", "decode_backward"]
+__all__ = ["encode_forward", "encode_backward", "decode_forward", "decode_backward", "coder_backward"]
