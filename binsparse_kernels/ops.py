@@ -16,6 +16,7 @@ Layers, top to bottom:
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -58,6 +59,28 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def _custom_op(name: str):
+    """``torch.library.custom_op(name)`` whose body runs outside the caller's autocast.
+
+    The public API has already cast ``x`` to the autocast dtype; inside the op every backend computes
+    as documented (fp32 accumulation, weights rounded to x's dtype). Left on, autocast would run the
+    torch matmuls inside a backend (the reference, the k > 128 fallbacks) in bf16.
+    """
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def outside_autocast(*args, **kwargs):
+            device = next(a.device for a in args if isinstance(a, Tensor))
+            if device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device.type):
+                return fn(*args, **kwargs)
+            with torch.autocast(device.type, enabled=False):
+                return fn(*args, **kwargs)
+
+        return torch.library.custom_op(name, mutates_args=())(outside_autocast)
+
+    return decorate
+
+
 def _binary_encode(impl, x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: Tensor, k: int):
     """(acts, indices, values in float32) of the binary encoder."""
     theta = log_threshold.to(_acc(x)).exp()
@@ -65,7 +88,7 @@ def _binary_encode(impl, x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold:
     return (values > 0).to(x.dtype), indices, values
 
 
-@torch.library.custom_op("binsparse::topk_binary_encode", mutates_args=())
+@_custom_op("binsparse::topk_binary_encode")
 def _binary_encode_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: Tensor, k: int,
                       ste: str, temperature: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (acts, indices, values in x.dtype, values in float32 for the backward)."""
@@ -80,7 +103,7 @@ def _(x, W_enc, b_enc, log_threshold, k, ste, temperature, backend):
             x.new_empty(N, k, dtype=_acc(x)))
 
 
-@torch.library.custom_op("binsparse::topk_encode", mutates_args=())
+@_custom_op("binsparse::topk_encode")
 def _encode_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (acts in x.dtype, indices, acts in float32 for the backward)."""
     impl = _backends.get(backend, x.device)
@@ -94,7 +117,7 @@ def _(x, W_enc, b_enc, k, backend):
     return x.new_empty(N, k), x.new_empty(N, k, dtype=torch.int64), x.new_empty(N, k, dtype=_acc(x))
 
 
-@torch.library.custom_op("binsparse::encode_backward", mutates_args=())
+@_custom_op("binsparse::encode_backward")
 def _encode_backward_op(grad_acts: Tensor, grad_values: Tensor, values: Tensor, x: Tensor, W_enc: Tensor,
                         indices: Tensor, mode: int, temperature: float, need_x: bool, need_W: bool,
                         need_b: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -113,7 +136,7 @@ def _(grad_acts, grad_values, values, x, W_enc, indices, mode, temperature, need
             W_enc.new_empty(W_enc.shape[0], dtype=acc) if need_b else values.new_empty(0))
 
 
-@torch.library.custom_op("binsparse::sparse_decode", mutates_args=())
+@_custom_op("binsparse::sparse_decode")
 def _decode_op(indices: Tensor, acts: Tensor, W_dec: Tensor, b_dec: Optional[Tensor], binary: bool,
                backend: str) -> Tensor:
     impl = _backends.get(backend, acts.device)
@@ -125,7 +148,7 @@ def _(indices, acts, W_dec, b_dec, binary, backend):
     return acts.new_empty(acts.shape[0], W_dec.shape[1])
 
 
-@torch.library.custom_op("binsparse::sparse_decode_backward", mutates_args=())
+@_custom_op("binsparse::sparse_decode_backward")
 def _decode_backward_op(grad_y: Tensor, indices: Tensor, acts: Tensor, W_dec: Tensor, binary: bool,
                         need_acts: bool, need_W: bool, backend: str) -> tuple[Tensor, Tensor]:
     """Returns float32 (grad_acts, grad_W_dec); an empty 1-D tensor where not needed."""
@@ -142,7 +165,7 @@ def _(grad_y, indices, acts, W_dec, binary, need_acts, need_W, backend):
             W_dec.new_empty(W_dec.shape, dtype=acc) if need_W else grad_y.new_empty(0, dtype=acc))
 
 
-@torch.library.custom_op("binsparse::topk_binary_encode_decode", mutates_args=())
+@_custom_op("binsparse::topk_binary_encode_decode")
 def _binary_coder_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_threshold: Tensor, W_dec: Tensor,
                      b_dec: Optional[Tensor], k: int, ste: str, temperature: float,
                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -160,7 +183,7 @@ def _(x, W_enc, b_enc, log_threshold, W_dec, b_dec, k, ste, temperature, backend
             x.new_empty(N, k), x.new_empty(N, k, dtype=_acc(x)))
 
 
-@torch.library.custom_op("binsparse::topk_encode_decode", mutates_args=())
+@_custom_op("binsparse::topk_encode_decode")
 def _coder_op(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Optional[Tensor], k: int,
               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (y, acts in x.dtype, indices, acts in float32 for the backward)."""
@@ -178,7 +201,7 @@ def _(x, W_enc, b_enc, W_dec, b_dec, k, backend):
             x.new_empty(N, k, dtype=_acc(x)))
 
 
-@torch.library.custom_op("binsparse::coder_backward", mutates_args=())
+@_custom_op("binsparse::coder_backward")
 def _coder_backward_op(grad_y: Tensor, grad_acts: Tensor, grad_values: Tensor, indices: Tensor, acts: Tensor,
                        values: Tensor, x: Tensor, W_enc: Tensor, W_dec: Tensor, binary: bool, mode: int,
                        temperature: float, need_x: bool, need_W_enc: bool, need_b_enc: bool, need_W_dec: bool,
@@ -396,6 +419,9 @@ class TopKEncodeDecode(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 
 
+# A trace-time constant for torch.compile: the choice imports backend modules and may run the first-use
+# self-check, neither of which Dynamo can trace; the compiled graph bakes in the name it returns.
+@torch.compiler.assume_constant_result
 def _backend_for(backend: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
     if dtype == torch.float64:  # for gradcheck: only the reference computes in float64
         if backend not in (None, "reference"):

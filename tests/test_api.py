@@ -313,3 +313,17 @@ def test_package_imports_and_falls_back_without_compiled_extension():
     lines = result.stdout.splitlines()
     assert lines[0].startswith("1 backend 'cpu' is unavailable"), lines  # said once, then silent
     assert lines[1].startswith("explicit: backend 'cpu' is unavailable"), lines
+
+
+def test_torch_compile_fullgraph_in_a_fresh_process():
+    # The first call of a process imports the backend module while Dynamo traces the public op:
+    # the backend choice must be a trace-time constant, not traced code (importlib cannot be traced).
+    result = run_python("""
+        import torch, binsparse_kernels as bk
+        x, W, b, lt = torch.randn(8, 16), torch.randn(40, 16), torch.zeros(40), torch.full((40,), -5.5)
+        f = torch.compile(lambda x: bk.topk_binary_encode(x, W, b, lt, 4).acts.sum(), fullgraph=True,
+                          backend="aot_eager")
+        assert f(x) == bk.topk_binary_encode(x, W, b, lt, 4).acts.sum()
+        print("ok")
+    """)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -320,11 +320,9 @@ def test_float64_is_reference_only(backend):
 
 # Autocast runs the op in bf16 on its device: the triton backend on CPU tensors refuses bf16.
 AUTOCAST_BACKENDS = [b for b in bk.available_backends() if not (b == "triton" and device_for(b) == "cpu")]
-# The op runs its backend under the caller's autocast, so the torch matmuls of the reference backend
-# and of the Triton k > 128 fallback run in bf16 instead of fp32 (values off by a bf16 ulp, gradients
-# by ~1e-3): a bug in ops.py, reported; these cases pass once the op disables autocast inside.
-AUTOCAST_BUG = pytest.mark.xfail(strict=True, reason="ops.py runs the backend under the caller's autocast: "
-                                                     "torch matmuls inside it run in bf16")
+# The op runs its backend outside the caller's autocast (ops._custom_op): the torch matmuls of the
+# reference backend and of the k > 128 fallbacks stay fp32 (under autocast they would run in bf16:
+# values off by a bf16 ulp, gradients by ~1e-3, which these cases catch).
 
 
 def _autocast_params():
@@ -332,8 +330,6 @@ def _autocast_params():
     for b in AUTOCAST_BACKENDS:
         for k in (4, 130):
             marks = [pytest.mark.gpu] if device_for(b) == "cuda" else []
-            if b == "reference" or (b == "triton" and k > 128):
-                marks.append(AUTOCAST_BUG)
             out.append(pytest.param(b, k, marks=marks, id=f"{b}-k{k}"))
     return out
 
