@@ -3,7 +3,7 @@
 Prints the versions (Python, torch, triton, the CUDA toolkit torch was built with, nvcc, the
 driver), the GPUs and their compute capability, which backends load and why the others don't,
 which GPU code the CUDA extension carries (machine code and PTX, and whether this GPU can run it),
-then checks every available backend's three ops against the float64 reference (``self_check.py``):
+then checks every available backend's ops (the encoders, the decode and the coder's one backward) against the float64 reference (``self_check.py``):
 one line per backend, device and op, with the worst error. Exit status 1 if any check fails.
 
     binsparse doctor                       # everything (seconds on a GPU; the Triton JIT dominates)

@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from .backends import reference
 from .backends.reference import STE_MODES
 
-OPS = ("binary_encode", "topk_encode", "decode")
+OPS = ("binary_encode", "topk_encode", "decode", "coder_backward")
 
 # Tolerance per output dtype, as a fraction of (1 + |reference|): a few units in the last place of
 # 16-bit outputs, and room for float32 sums of up to a few hundred terms in another order.
@@ -103,7 +103,7 @@ class OpResult:
     def line(self) -> str:
         dtypes = ",".join(_short(d) for d in self.dtypes)
         status = "PASS" if self.passed else "FAIL"
-        head = f"{self.backend:<9} {self.op:<13} {self.device:<7} {dtypes:<24} {status}"
+        head = f"{self.backend:<9} {self.op:<14} {self.device:<7} {dtypes:<24} {status}"
         if self.error is not None:
             return f"{head}  {self.error}"
         return (f"{head}  worst error {self.worst_abs:.1e} = {self.worst:.2f} x tolerance "
@@ -248,9 +248,30 @@ def _check_decode(impl, device, dtype, p: Problem, s: _Scorer, seed: int) -> Non
             s.compare(f"{name} ({kind})", g, r, TOL[torch.float32])
 
 
+def _check_coder_backward(impl, device, dtype, p: Problem, s: _Scorer, seed: int) -> None:
+    """The one backward of an encode followed by the decode of its codes (what ``SparseCoder`` runs),
+    on the backend's own binary selection, against the reference's encode and decode backwards."""
+    t = _inputs(p, dtype, seed)
+    dev = {n: v.to(device) for n, v in t.items()}
+    values, indices = impl.encode_forward(dev["x"], dev["W_enc"], dev["b_enc"], dev["theta"], p.k, True)
+    acts = (values > 0).to(dtype)
+    mode = STE_MODES[p.ste]
+    got = impl.coder_backward(dev["grad_y"], dev["grad_acts"], dev["grad_values"], indices, acts, values, dev["x"],
+                              dev["W_enc"], dev["W_dec"], True, mode, TEMPERATURE, True, True, True, True)
+    ref = reference.coder_backward(_f64(t["grad_y"]), _f64(t["grad_acts"]), _f64(t["grad_values"]), indices.cpu(),
+                                   _f64(acts), _f64(values), _f64(t["x"]), _f64(t["W_enc"], dtype),
+                                   _f64(t["W_dec"], dtype), True, mode, TEMPERATURE, True, True, True, True)
+    for name, g, r, shape in zip(("grad_x", "grad_W_enc", "grad_b_enc", "grad_W_dec"), got, ref,
+                                 ((p.N, p.d), (p.M, p.d), (p.M,), (p.M, p.d_out))):
+        s.structure(name, g, shape, torch.float32)
+        s.compare(name, g, r, TOL[torch.float32])
+
+
 def _run_op(impl, op: str, device: torch.device, dtype: torch.dtype, p: Problem, s: _Scorer, seed: int) -> None:
     if op == "decode":
         _check_decode(impl, device, dtype, p, s, seed)
+    elif op == "coder_backward":
+        _check_coder_backward(impl, device, dtype, p, s, seed)
     else:
         _check_encode(impl, device, dtype, p, op == "binary_encode", s, seed)
 

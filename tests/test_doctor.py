@@ -35,7 +35,7 @@ def test_report_and_a_passing_self_check(capsys):
         assert "UNAVAILABLE: backend 'cuda' needs a CUDA GPU" in out
     lines = check_lines(out)
     pairs = doctor.check_targets(["reference", "cpu"])  # on a GPU machine the reference runs on both devices
-    assert len(lines) == 3 * len(pairs) >= 6, out  # one per backend, device and op
+    assert len(lines) == len(self_check.OPS) * len(pairs) >= 8, out  # one per backend, device and op
     for backend, device in pairs:
         for op in self_check.OPS:
             line = next(ln for ln in lines if ln.split()[:3] == [backend, op, device.type])
@@ -69,8 +69,26 @@ def test_a_failing_op_fails_the_doctor(capsys, monkeypatch):
     lines = check_lines(out)
     decode = next(ln for ln in lines if " decode " in ln)
     assert " FAIL " in decode and "grad_acts" in decode
-    assert all(" PASS " in ln for ln in lines if ln is not decode) and len(lines) == 3
+    assert all(" PASS " in ln for ln in lines if ln is not decode) and len(lines) == len(self_check.OPS)
     assert "grad_acts (continuous): error" in out and "self-check FAILED" in out
+
+
+def test_a_failing_coder_backward_fails_the_doctor(capsys, monkeypatch):
+    # the one backward SparseCoder runs is checked on its own: the separate backwards can be right
+    from binsparse_kernels.backends import cpu
+
+    real = cpu.coder_backward
+
+    def grad_W_dec_off_by_a_bit(*args):
+        gx, gW, gb, gWd = real(*args)
+        return gx, gW, gb, gWd * 1.01
+
+    monkeypatch.setattr(cpu, "coder_backward", grad_W_dec_off_by_a_bit)
+    assert cli.main(["doctor", "--backends", "cpu", "--quick"]) == 1
+    lines = check_lines(capsys.readouterr().out)
+    coder = next(ln for ln in lines if " coder_backward " in ln)
+    assert " FAIL " in coder and "grad_W_dec" in coder
+    assert all(" PASS " in ln for ln in lines if ln is not coder)
 
 
 def test_bad_arguments_and_environment_only(capsys):
