@@ -1,0 +1,190 @@
+"""Static inspection of GPU kernels without a GPU: compile -> cubin -> SASS, resource usage, and
+instruction counts by class (shared by benchmarks/static_cost.py and the CUDA backend's notes).
+
+    from sass import compile_triton, resources, disassemble, parse, count_classes, loops
+
+* ``compile_triton(fn, signature, constexprs, arch, attrs=None, options=None)``: a Triton kernel
+  compiled ahead of time for ``sm_<arch>`` (90 means sm_90a); returns ``(cubin bytes, shared bytes)``.
+  Any other cubin (nvcc ``-cubin``) works with the functions below too.
+* ``resources(cubin)``: ``{kernel: {"registers", "stack", "local", "shared_static", "spill_ops"}}``
+  from ``cuobjdump --dump-resource-usage`` (spill_ops counts the kernel's local-memory loads/stores).
+* ``disassemble(cubin)``: SASS text (``nvdisasm``, with branch-target labels).
+* ``parse(sass_text)``: ``{kernel: [Instr]}``; an ``Instr`` has ``addr``, ``opcode`` (with modifiers,
+  e.g. ``ISETP.GE.AND``), ``base`` (``ISETP``), ``pred`` (``@P0`` or ``""``), ``operands``, ``target``
+  (branch target address or None) and ``label`` (the label that starts at it, if any).
+* ``loops(instrs)``: back edges ``(head_index, latch_index)``, innermost first.
+* ``count_classes(instrs)``: a ``Counter`` by instruction class (``CLASSES`` below).
+
+The binaries come from the ``nvidia-cuda-cuobjdump`` / ``nvidia-cuda-nvdisasm`` wheels (requirements.txt).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+# Instruction classes by SASS base opcode.
+CLASSES = {
+    "tensor": {"HGMMA", "HMMA", "IMMA", "WARPGROUP", "UTCHMMA"},
+    "int": {"ISETP", "SEL", "LOP3", "LOP", "IADD3", "IADD", "IMAD", "IMNMX", "VIMNMX", "SHF", "SHL", "SHR",
+            "LEA", "PRMT", "VIADD", "IABS", "POPC", "FLO", "BREV", "SGXT", "BMSK", "PLOP3", "P2R", "R2P",
+            "ISCADD", "IMUL", "I2I", "VIADDMNMX", "IDP", "ICMP", "XMAD", "MOV", "FSEL", "CS2R", "S2R", "S2UR",
+            "I2IP", "IMNMX3"},
+    "float": {"FADD", "FMUL", "FFMA", "FMNMX", "FSETP", "FSET", "F2F", "F2I", "I2F", "FCHK", "MUFU", "HADD2",
+              "HMUL2", "HFMA2", "FRND", "DADD", "DMUL", "DFMA", "F2FP", "HSETP2", "FSWZADD"},
+    "shuffle": {"SHFL"},
+    "barrier": {"BAR", "MEMBAR", "SYNCS", "DEPBAR", "ARRIVES", "ERRBAR", "CCTL", "FENCE"},
+    "global_load": {"LDG", "LDGSTS", "LDGDEPBAR", "UTMALDG", "LD", "UBLKCP"},
+    "global_store": {"STG", "ST", "RED", "ATOM", "ATOMG", "UTMASTG"},
+    "shared": {"LDS", "STS", "LDSM", "STSM", "ATOMS"},
+    "local": {"LDL", "STL"},
+    "uniform": set(),  # every other U* opcode (the uniform datapath issues beside the vector one)
+    "control": {"BRA", "BRX", "EXIT", "RET", "CALL", "BSSY", "BSYNC", "WARPSYNC", "NOP", "YIELD", "VOTE",
+                "VOTEU", "BPT", "JMP", "ELECT", "ENDCOLLECTIVE", "NANOSLEEP", "ACQBULK", "ACQSHMINIT"},
+}
+
+# Throughputs assumed for sm_90 (H100 SXM), in warp-instructions per clock per SM (4 sub-partitions,
+# one issue each per clock): every instruction takes an issue slot (4/clk); fp32 arithmetic 128 lanes/clk
+# (4/clk); integer compare/select/logic/add 64 lanes/clk (2/clk), the review's rate (half the fp32
+# rate); shuffles 32 lanes/clk (1/clk); shared-memory accesses 1/clk. Tensor-core work is costed by
+# FLOPs (static_cost.py), barriers and branches only by their issue slot.
+RATES = {"issue": 4.0, "int": 2.0, "float": 4.0, "shuffle": 1.0, "shared": 1.0}
+
+
+def _tool(name: str) -> str:
+    import nvidia.cu13  # the nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm wheels
+
+    path = Path(list(nvidia.cu13.__path__)[0]) / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm")
+    return str(path)
+
+
+def compile_triton(fn, signature: dict, constexprs: dict, arch: int, attrs: dict | None = None,
+                   options: dict | None = None) -> tuple[bytes, int]:
+    """Ahead-of-time compile of a ``@triton.jit`` kernel for sm_<arch>: (cubin, dynamic shared bytes)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options or {})
+    return compiled.asm["cubin"], int(compiled.metadata.shared)
+
+
+def _run_on_cubin(args: list[str], cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        proc = subprocess.run(args + [f.name], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{args[0]} failed: {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def resources(cubin: bytes) -> dict:
+    out = _run_on_cubin([_tool("cuobjdump"), "--dump-resource-usage"], cubin)
+    res = {}
+    for name, body in re.findall(r"Function ([^\s:]+):\s*\n\s*(REG:.*)", out):
+        fields = dict(re.findall(r"(\w+(?:\[\d+\])?):(\d+)", body))
+        res[name] = {"registers": int(fields["REG"]), "stack": int(fields["STACK"]),
+                     "local": int(fields["LOCAL"]), "shared_static": int(fields["SHARED"])}
+    for name, instrs in parse(disassemble(cubin)).items():
+        if name in res:
+            res[name]["spill_ops"] = sum(1 for i in instrs if i.base in ("LDL", "STL"))
+    return res
+
+
+def disassemble(cubin: bytes) -> str:
+    return _run_on_cubin([_tool("nvdisasm"), "-c"], cubin)
+
+
+@dataclass
+class Instr:
+    addr: int
+    opcode: str
+    base: str
+    pred: str
+    operands: str
+    target: int | None
+    label: str | None
+
+
+_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+|\S+):\s*$")
+_FUNC = re.compile(r"^\s*\.text\.(\S+):\s*$")
+_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+
+
+def parse(sass_text: str) -> dict[str, list[Instr]]:
+    kernels: dict[str, list[Instr]] = {}
+    pending_labels: dict[str, list[Instr]] = {}
+    label_addr: dict[str, dict[str, int]] = {}
+    current = None
+    label = None
+    for line in sass_text.splitlines():
+        m = _FUNC.match(line)
+        if m:
+            current = m.group(1)
+            kernels[current] = []
+            label_addr[current] = {}
+            label = None
+            continue
+        if current is None:
+            continue
+        m = _LINE.match(line)
+        if m:
+            opcode = m.group(3)
+            kernels[current].append(Instr(int(m.group(1), 16), opcode, opcode.split(".")[0],
+                                          (m.group(2) or "").strip(), m.group(4).strip(), None, label))
+            if label:
+                label_addr[current][label] = int(m.group(1), 16)
+            label = None
+            continue
+        m = _LABEL.match(line)
+        if m and m.group(1).startswith(".L_x_"):
+            label = m.group(1)
+    for name, instrs in kernels.items():
+        for ins in instrs:
+            t = _TARGET.search(ins.operands)
+            if t and t.group(1) in label_addr[name]:
+                ins.target = label_addr[name][t.group(1)]
+    return kernels
+
+
+def instr_class(base: str) -> str:
+    for cls, names in CLASSES.items():
+        if base in names:
+            return cls
+    if base.startswith("U"):
+        return "uniform"
+    return "other"
+
+
+def count_classes(instrs: list[Instr]) -> Counter:
+    c = Counter(instr_class(i.base) for i in instrs)
+    c["total"] = len(instrs)
+    return c
+
+
+def loops(instrs: list[Instr]) -> list[tuple[int, int]]:
+    """Back edges as (index of the loop head, index of the branch), innermost (shortest) first."""
+    index = {ins.addr: n for n, ins in enumerate(instrs)}
+    edges = [(index[ins.target], n) for n, ins in enumerate(instrs)
+             if ins.base == "BRA" and ins.target is not None and ins.target <= ins.addr]
+    return sorted(edges, key=lambda e: e[1] - e[0])
+
+
+def issue_cycles(counts: Counter, warps: int = 1) -> dict:
+    """Clocks per SM for ``warps`` warps each executing ``counts``, per resource; the model takes the
+    busiest resource as the time (``"bound"``), i.e. assumes the resources overlap perfectly and
+    nothing else (latency, dependencies, the tensor cores) stalls the issue."""
+    per = {"issue": counts.get("total", 0) / RATES["issue"], "int": counts.get("int", 0) / RATES["int"],
+           "float": counts.get("float", 0) / RATES["float"], "shuffle": counts.get("shuffle", 0) / RATES["shuffle"],
+           "shared": counts.get("shared", 0) / RATES["shared"]}
+    per = {k: v * warps for k, v in per.items()}
+    per["bound"] = max(per.values())
+    return per
