@@ -129,25 +129,27 @@ def _exchange_layer(h, R: tl.constexpr, W: tl.constexpr, BLOCKS: tl.constexpr, H
 
 
 @triton.jit
-def _topk_desc(x, LOG_R: tl.constexpr, LOG_C: tl.constexpr, LOG_K: tl.constexpr):
-    """The 2^LOG_K largest entries of each row of x [2^LOG_R, 2^LOG_C], in decreasing order."""
+def _topk_desc(x, LOG_R: tl.constexpr, LOG_C: tl.constexpr, LOG_K: tl.constexpr, DESCENDING: tl.constexpr):
+    """The 2^LOG_K largest entries of each row of x [2^LOG_R, 2^LOG_C], in decreasing order (increasing
+    if not DESCENDING)."""
     R: tl.constexpr = 2**LOG_R
     h = x
     for s in tl.static_range(1, LOG_K + 1):  # sort blocks of 2^s; bit s of the column = bit i of the block
         for i in tl.static_range(s):
-            h = _exchange_layer(h, R, 2**LOG_C, 2**(LOG_C - s + i), 2**(s - 1 - i), i, s < LOG_C, True)
+            h = _exchange_layer(h, R, 2**LOG_C, 2**(LOG_C - s + i), 2**(s - 1 - i), i, s < LOG_C, DESCENDING)
     for s in tl.static_range(LOG_K + 1, LOG_C + 1):  # halve: width 2^(LOG_C - s + LOG_K + 1) -> half
         a, b = tl.split(tl.permute(tl.reshape(h, [R, 2**(LOG_C - s), 2, 2**LOG_K]), (0, 1, 3, 2)))
         h = tl.reshape(tl.maximum(a, b), [R, 2**(LOG_C - s + LOG_K)])
         for i in tl.static_range(LOG_K):  # re-merge blocks of 2^LOG_K; bit LOG_K = bit i of the block
             h = _exchange_layer(h, R, 2**(LOG_C - s + LOG_K), 2**(LOG_C - s + i), 2**(LOG_K - 1 - i), i,
-                                s < LOG_C, True)
+                                s < LOG_C, DESCENDING)
     return h
 
 
 @triton.jit
-def _fold(running, top, LOG_R: tl.constexpr, LOG_KP: tl.constexpr):
-    """Merge an ascending [R, KP] list with a descending one: the top KP of both, ascending.
+def _fold(running, top, LOG_R: tl.constexpr, LOG_KP: tl.constexpr, DESCENDING: tl.constexpr = False):
+    """Merge an ascending [R, KP] list with a descending one: the top KP of both, ascending (or
+    descending if DESCENDING).
 
     The element-wise max of an ascending and a descending sequence holds the top KP of their union
     and is bitonic, so one bitonic merge (log2 KP compare-exchange layers) sorts it, instead of a
@@ -155,8 +157,30 @@ def _fold(running, top, LOG_R: tl.constexpr, LOG_KP: tl.constexpr):
     """
     h = tl.maximum(running, top)
     for i in tl.static_range(LOG_KP):  # column bit LOG_KP - 1 - i
-        h = _exchange_layer(h, 2**LOG_R, 2**LOG_KP, 2**i, 2**(LOG_KP - 1 - i), 0, False, False)
+        h = _exchange_layer(h, 2**LOG_R, 2**LOG_KP, 2**i, 2**(LOG_KP - 1 - i), 0, False, DESCENDING)
     return h
+
+
+@triton.jit
+def _tile_top(s, lat, lat_ok, LOG_R: tl.constexpr, LOG_C: tl.constexpr, LOG_K: tl.constexpr, HALVES: tl.constexpr):
+    """The top 2^LOG_K keys of each row of the scores s [2^LOG_R, 2^LOG_C] (latents lat), descending.
+    HALVES: the two column halves are cut to their top 2^LOG_K one after the other (one ascending, one
+    descending) and merged, so only half the tile's int64 keys are live at once (what lets 128 x 128
+    tiles fit in registers)."""
+    if HALVES:
+        R: tl.constexpr = 2**LOG_R
+        H: tl.constexpr = 2**(LOG_C - 1)
+        s0, s1 = tl.split(tl.permute(tl.reshape(s, [R, 2, H]), (0, 2, 1)))
+        l0, l1 = tl.split(tl.permute(tl.reshape(lat, [2, H]), (1, 0)))
+        ok0, ok1 = tl.split(tl.permute(tl.reshape(lat_ok, [2, H]), (1, 0)))
+        k0 = tl.where(ok0[None, :], _scores_to_keys(s0, l0[None, :]), _SENTINEL)
+        t0 = _topk_desc(k0, LOG_R, LOG_C - 1, LOG_K, False)
+        k1 = tl.where(ok1[None, :], _scores_to_keys(s1, l1[None, :]), _SENTINEL)
+        t1 = _topk_desc(k1, LOG_R, LOG_C - 1, LOG_K, True)
+        return _fold(t0, t1, LOG_R, LOG_K, True)
+    else:
+        keys = tl.where(lat_ok[None, :], _scores_to_keys(s, lat[None, :]), _SENTINEL)
+        return _topk_desc(keys, LOG_R, LOG_C, LOG_K, True)
 
 
 @triton.jit
@@ -173,8 +197,8 @@ def _gate_threshold(running, k, KP: tl.constexpr):
     slots = tl.arange(0, KP)
     kth = tl.max(tl.where(slots[None, :] == KP - k, running, _SENTINEL), axis=1)
     score, _ = _keys_to_scores(kth)
-    tau = tl.where(kth == _SENTINEL, float("-inf"), score)
-    return tl.where(score != score, float("inf"), tau)
+    tau = tl.where(score != score, float("inf"), score)
+    return tl.where(kth == _SENTINEL, float("-inf"), tau)  # (the sentinel decodes to a NaN)
 
 
 @triton.jit(do_not_specialize=["N", "M", "k", "tiles_per_chunk", "n_chunks", "binary"])
@@ -184,7 +208,7 @@ def _encode_partial_kernel(
     IEEE: tl.constexpr, KP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     LOG_KP: tl.constexpr, LOG_BN: tl.constexpr, LOG_BM: tl.constexpr,
-    GATE: tl.constexpr, EXTRACT: tl.constexpr,
+    GATE: tl.constexpr, EXTRACT: tl.constexpr, HALVES: tl.constexpr,
 ):
     # chunk index fastest: the programs of a wave share row blocks (x stays in L2), see _n_chunks
     pid = tl.program_id(0)
@@ -228,9 +252,8 @@ def _encode_partial_kernel(
             surv = (~(s < tau[:, None])) & row_ok[:, None] & lat_ok[None, :]
             most = tl.max(tl.sum(surv.to(tl.int32), axis=1), axis=0)  # block-uniform branch
             if most > 0:  # else no row has a survivor: the tile is skipped
-                if most > EXTRACT:  # sort the tile's keys down to the top KP (the ungated step)
-                    keys = tl.where(lat_ok[None, :], _scores_to_keys(s, lat[None, :]), _SENTINEL)
-                    top = _topk_desc(keys, LOG_BN, LOG_BM, LOG_KP)
+                if most > EXTRACT:  # the tile's top KP by sorting (the ungated step)
+                    top = _tile_top(s, lat, lat_ok, LOG_BN, LOG_BM, LOG_KP, HALVES)
                 else:
                     # at most EXTRACT survivors per row: take them out largest first (`most` rounds of
                     # a row max of the 32-bit ordered scores, lowest index among equal ones: the key
@@ -243,11 +266,11 @@ def _encode_partial_kernel(
                         key = tl.where(best == _NO_SCORE, _SENTINEL, _ordered_to_keys(best, at))
                         top = tl.where(slots[None, :] == r, key[:, None], top)
                         cand = tl.where(lat[None, :] == at[:, None], _NO_SCORE, cand)
+                # one merge for both branches (a copy per branch needs more registers: spills)
                 running = _fold(running, top, LOG_BN, LOG_KP)
                 tau = _gate_threshold(running, k, KP)
         else:  # every tile sorted and folded (the tests' bit-for-bit baseline)
-            keys = tl.where(lat_ok[None, :], _scores_to_keys(s, lat[None, :]), _SENTINEL)
-            running = _fold(running, _topk_desc(keys, LOG_BN, LOG_BM, LOG_KP), LOG_BN, LOG_KP)
+            running = _fold(running, _tile_top(s, lat, lat_ok, LOG_BN, LOG_BM, LOG_KP, HALVES), LOG_BN, LOG_KP)
 
     # the list's row offsets recomputed here rather than kept live through the tile loop
     first = (tl.program_id(0) // n_chunks).to(tl.int64) * BLOCK_N
@@ -292,6 +315,7 @@ class Config:
     BLOCK_K: int
     num_warps: int
     num_stages: int
+    HALVES: bool = False  # sort a full tile in two column halves (_tile_top)
 
 
 # S: a tile whose rows each have at most this many survivors of the gate is inserted by S rounds of
@@ -310,10 +334,12 @@ def _kp(k: int) -> int:
     return max(_MIN_KP, triton.next_power_of_2(k))
 
 
-def _config(dtype: torch.dtype, kp: int) -> Config:
-    """Block sizes for H100/H200-class GPUs, chosen from the compiled code (registers, spills and
-    instruction counts of the variant a launch compiles, benchmarks/static_cost.py), not from timings.
-    fp32 inputs (fp32 FMAs, never TF32; not the speed target) take smaller tiles, spill-free too."""
+def _config(dtype: torch.dtype, kp: int, arch: int = 90) -> Config:
+    """Block sizes for H100/H200 (``arch`` 90) and A100 (80)-class GPUs, chosen from the compiled code
+    (registers, spills and instruction counts of the variant a launch compiles, benchmarks/static_cost.py),
+    not from timings: the largest tiles whose launched variant compiles without spills (128 x 128 does
+    not fit at KP <= 32 with the gate: 255 registers and 8-440 bytes of spills). fp32 inputs (fp32 FMAs,
+    never TF32; not the speed target) take smaller tiles, spill-free too."""
     if dtype == torch.float32:
         if kp <= 32:
             return Config(64, 64, 32, 8, 3)
@@ -321,10 +347,18 @@ def _config(dtype: torch.dtype, kp: int) -> Config:
             return Config(32, 64, 32, 8, 3)
         return Config(32, 128, 32, 8, 3)
     if kp <= 32:
-        return Config(128, 64, 32, 8, 3)
+        return Config(128, 64, 32, 8, 3) if arch >= 90 else Config(64, 64, 32, 8, 3)
     if kp == 64:
         return Config(64, 64, 64, 8, 3)
     return Config(32, 128, 64, 8, 3)
+
+
+def _arch(device: torch.device) -> int:
+    """Compute capability as 10 * major + minor (90 for an H100); 90 on the CPU (the interpreter)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
 
 
 def _device_facts(device: torch.device) -> tuple[int, int]:
@@ -338,13 +372,13 @@ def _device_facts(device: torch.device) -> tuple[int, int]:
 def _n_chunks(N: int, M: int, D: int, x_bytes: int, block_n: int, block_m: int,
               device: torch.device) -> tuple[int, int]:
     """(tiles per chunk, chunks). As few chunks as possible (a longer chunk gives the gate a tighter
-    threshold sooner, and fewer partial lists to merge), but enough for one program per SM, and
+    threshold sooner, and fewer partial lists to merge), but enough programs for 90% of the SMs, and
     enough that one wave's rows of x fit in half of L2: the chunk index varies fastest in the grid,
     so a wave of ``SMs`` programs covers ``SMs / chunks`` row blocks, each re-read once per tile."""
     tiles = triton.cdiv(M, block_m)
     row_blocks = triton.cdiv(N, block_n)
     sms, l2 = _device_facts(device)
-    chunks = max(1, triton.cdiv(sms, row_blocks))
+    chunks = max(1, triton.cdiv(9 * sms, 10 * row_blocks))
     while chunks < tiles and min(row_blocks, triton.cdiv(sms, chunks)) * block_n * D * x_bytes > l2 // 2:
         chunks += 1
     per_chunk = triton.cdiv(tiles, min(chunks, tiles))
@@ -356,6 +390,26 @@ _DTYPE_ARG = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _launch_partial(x, W, b, t, keys, k, binary, cfg: Config, tiles_per_chunk: int, n_chunks: int, gate: bool = True):
+    """The GEMM + running top-k kernel (``t`` is theta, or any float32 [M] tensor when not binary)."""
+    N, D = x.shape
+    kp = keys.shape[2]
+    _encode_partial_kernel[(triton.cdiv(N, cfg.BLOCK_N) * n_chunks,)](
+        x, W, b, t, keys, N, W.shape[0], D, k, tiles_per_chunk, n_chunks, int(binary),
+        IEEE=x.dtype == torch.float32, KP=kp,
+        BLOCK_N=cfg.BLOCK_N, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
+        LOG_KP=_log2(kp), LOG_BN=_log2(cfg.BLOCK_N), LOG_BM=_log2(cfg.BLOCK_M), GATE=gate, EXTRACT=EXTRACT_MAX,
+        HALVES=cfg.HALVES, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _launch_merge(keys, values, indices, k):
+    N, n_chunks, kp = keys.shape
+    mbn = _MERGE_BLOCK_N[kp]
+    _merge_kernel[(triton.cdiv(N, mbn),)](keys, values, indices, N, n_chunks, k, KP=kp, BLOCK_N=mbn,
+                                          LOG_KP=_log2(kp), LOG_BN=_log2(mbn), num_warps=_MERGE_WARPS)
 
 
 def _fused(x, W, b, theta, k, binary, cfg: Config, tiles_per_chunk: int | None = None, gate: bool = True):
@@ -370,17 +424,8 @@ def _fused(x, W, b, theta, k, binary, cfg: Config, tiles_per_chunk: int | None =
     keys = torch.empty(N, n_chunks, kp, dtype=torch.int64, device=x.device)
     values = torch.empty(N, k, dtype=torch.float32, device=x.device)
     indices = torch.empty(N, k, dtype=torch.int64, device=x.device)
-    t = theta if binary else b  # unused when not binary
-    _encode_partial_kernel[(triton.cdiv(N, cfg.BLOCK_N) * n_chunks,)](
-        x, W, b, t, keys, N, M, D, k, tiles_per_chunk, n_chunks, int(binary),
-        IEEE=x.dtype == torch.float32, KP=kp,
-        BLOCK_N=cfg.BLOCK_N, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
-        LOG_KP=_log2(kp), LOG_BN=_log2(cfg.BLOCK_N), LOG_BM=_log2(cfg.BLOCK_M), GATE=gate, EXTRACT=EXTRACT_MAX,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    mbn = _MERGE_BLOCK_N[kp]
-    _merge_kernel[(triton.cdiv(N, mbn),)](keys, values, indices, N, n_chunks, k, KP=kp, BLOCK_N=mbn,
-                                          LOG_KP=_log2(kp), LOG_BN=_log2(mbn), num_warps=_MERGE_WARPS)
+    _launch_partial(x, W, b, theta if binary else b, keys, k, binary, cfg, tiles_per_chunk, n_chunks, gate)
+    _launch_merge(keys, values, indices, k)
     return values, indices
 
 
@@ -491,7 +536,7 @@ def encode_forward(x, W_enc, b_enc, threshold, k: int, binary: bool, *, _config_
         theta = threshold.to(torch.float32).contiguous() if binary else None
         if k > MAX_FUSED_K or x.dtype not in _DTYPE_ARG or x.shape[1] == 0:
             return _chunked_fallback(x, W, b, theta, k, binary, _fallback_chunk)
-        cfg = _config_override or _config(x.dtype, _kp(k))
+        cfg = _config_override or _config(x.dtype, _kp(k), _arch(x.device))
         return _fused(x, W, b, theta, k, binary, cfg, _tiles_per_chunk, _gate)
 
 
@@ -500,15 +545,15 @@ def encode_forward(x, W_enc, b_enc, threshold, k: int, binary: bool, *, _config_
 # ------------------------------------------------------------------------------------------------
 
 
-def _partial_spec(dtype: torch.dtype, kp: int, gate: bool = True):
-    cfg = _config(dtype, kp)
+def _partial_spec(dtype: torch.dtype, kp: int, arch: int = 90, gate: bool = True):
+    cfg = _config(dtype, kp, arch)
     name = _DTYPE_ARG[dtype]
     sig = {"x_ptr": f"*{name}", "w_ptr": f"*{name}", "b_ptr": "*fp32", "t_ptr": "*fp32", "keys_ptr": "*i64",
            "N": "i32", "M": "i32", "D": "i32", "k": "i32", "tiles_per_chunk": "i32", "n_chunks": "i32",
            "binary": "i32"}
     cx = {"IEEE": dtype == torch.float32, "KP": kp, "BLOCK_N": cfg.BLOCK_N, "BLOCK_M": cfg.BLOCK_M,
           "BLOCK_K": cfg.BLOCK_K, "LOG_KP": _log2(kp), "LOG_BN": _log2(cfg.BLOCK_N), "LOG_BM": _log2(cfg.BLOCK_M),
-          "GATE": gate, "EXTRACT": EXTRACT_MAX}
+          "GATE": gate, "EXTRACT": EXTRACT_MAX, "HALVES": cfg.HALVES}
     sig.update({c: "constexpr" for c in cx})
     return _encode_partial_kernel, sig, cx, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
@@ -522,9 +567,9 @@ def _merge_spec(kp: int):
     return _merge_kernel, sig, cx, {"num_warps": _MERGE_WARPS}
 
 
-def aot_launches():
-    """Every (kernel, signature, constexprs, options) the wrapper can launch on a GPU."""
-    out = [_partial_spec(dtype, kp) for dtype in _DTYPE_ARG for kp in (16, 32, 64, 128)]
+def aot_launches(arch: int = 90):
+    """Every (kernel, signature, constexprs, options) the wrapper can launch on a GPU of ``arch``."""
+    out = [_partial_spec(dtype, kp, arch) for dtype in _DTYPE_ARG for kp in (16, 32, 64, 128)]
     return out + [_merge_spec(kp) for kp in _MERGE_BLOCK_N]
 
 
