@@ -157,9 +157,11 @@ def mma_efficiency(row: dict) -> float:
     return H100["mma_efficiency"]["FFMA"]
 
 
-def estimate(row: dict, d: int, M: int, k: int, most_by_position: list) -> dict:
+def estimate(row: dict, d: int, M: int, k: int, most_by_position: list, S: int | None = None) -> dict:
     """The model in the module docstring, for one 16-bit configuration at (N_TOKENS, d, M, k).
-    most_by_position: per tile position of a chunk, the distribution of `most` (list of counts)."""
+    most_by_position: per tile position of a chunk, the distribution of `most` (list of counts).
+    S: the extract limit to model (the branch costs do not depend on it: the extract loop runs `most`
+    rounds whatever S is; only which tiles take it does)."""
     import triton
 
     from binsparse_kernels.backends.triton import encode as enc
@@ -173,7 +175,7 @@ def estimate(row: dict, d: int, M: int, k: int, most_by_position: list) -> dict:
     full = br["full"]["epilogue_clk_per_sm"]
     ext1 = br["extract_1_round"]["epilogue_clk_per_sm"]
     ext_round = br["extract_per_extra_round"]["epilogue_clk_per_sm"]
-    S = enc.EXTRACT_MAX
+    S = S or enc.EXTRACT_MAX
     per_chunk, chunks = enc._n_chunks(N_TOKENS, M, d, 2, bn, bm, _H100Device())
     expect = 0.0  # clocks of one chunk: the expected step time summed over its tile positions
     mix = Counter()
@@ -199,7 +201,7 @@ def estimate(row: dict, d: int, M: int, k: int, most_by_position: list) -> dict:
     merge_ms = N_TOKENS * chunks * enc._kp(k) * 8 / 2.5e12 * 1e3 + 0.005
     gemm_ms = 2 * N_TOKENS * M * d / (H100["gemm_tflops"] * 1e12) * 1e3
     total = t_ms + merge_ms
-    return {"d": d, "M": M, "N": N_TOKENS, "k": k, "dtype": "bf16", "chunks": chunks, "tiles_per_chunk": per_chunk,
+    return {"d": d, "M": M, "N": N_TOKENS, "k": k, "S": S, "dtype": "bf16", "chunks": chunks, "tiles_per_chunk": per_chunk,
             "waves": waves, "mma_clk_per_tile": round(mma_clk), "branch_mix": {n: round(v, 4) for n, v in mix.items()},
             "est_encode_ms": round(total, 3), "est_gemm_ms": round(gemm_ms, 3),
             "est_ratio_to_gemm": round(total / gemm_ms, 2), "label": "ESTIMATE (static model), not a timing"}
@@ -237,22 +239,24 @@ def main():
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--rows", type=int, default=512, help="rows simulated for the branch mix")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "static_cost_sm90.json")
+    ap.add_argument("--reuse", action="store_true", help="take the compiled counts from --out, redo the estimates")
     args = ap.parse_args()
     _setup()
     dtypes = args.only or ["bf16", "fp16", "fp32"]
     jobs = [(dt, kp, arch, True) for arch in args.arch for dt in dtypes for kp in (16, 32, 64, 128)]
     jobs += [("bf16", kp, 90, False) for kp in (32, 64, 128)]  # the ungated step, for comparison
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(analyse, jobs))
+    if args.reuse:
+        rows = json.loads(args.out.read_text())["configs"]
+    else:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            rows = list(pool.map(analyse, jobs))
     for r in rows:
         lv = r["launch_variant"]
         print(f"{r['dtype']} KP={r['KP']} {r['arch']} gated={r['gated']}: {r['BLOCK_N']}x{r['BLOCK_M']}x{r['BLOCK_K']} "
               f"regs {lv['registers']} stack {lv['stack_bytes']} smem {lv['shared_bytes']} ctas/SM {lv['ctas_per_sm']}; "
               + ", ".join(f"{n} {v['int_plus_shuffle_per_score']}" for n, v in r["per_tile_per_warp"].items()), flush=True)
-    import torch  # noqa: F401
-
     sm90 = {(r["dtype"], r["KP"]): r for r in rows if r["arch"] == "sm_90a" and r["gated"]}
-    estimates = []
+    estimates, by_s = [], []
     from binsparse_kernels.backends.triton import encode as enc
     for d, M in SHAPES:
         for k in KS:
@@ -260,16 +264,20 @@ def main():
             if row is None:
                 continue
             hists = most_histograms(M, k, row["BLOCK_N"], row["BLOCK_M"], args.rows)
-            est = estimate(row, d, M, k, hists)
-            print(f"ESTIMATE d={d} M={M} k={k}: {est['est_encode_ms']} ms vs GEMM {est['est_gemm_ms']} ms -> "
-                  f"{est['est_ratio_to_gemm']}x, mix {est['branch_mix']}", flush=True)
-            estimates.append(est)
+            for S in (4, 8, 16):
+                est = estimate(row, d, M, k, hists, S)
+                by_s.append(est)
+                if S == enc.EXTRACT_MAX:
+                    estimates.append(est)
+                print(f"ESTIMATE d={d} M={M} k={k} S={S}: {est['est_encode_ms']} ms vs GEMM {est['est_gemm_ms']} ms -> "
+                      f"{est['est_ratio_to_gemm']}x, mix {est['branch_mix']}", flush=True)
     import sass
     doc = {"what": "static cost of the Triton fused encode (benchmarks/static_cost.py); compiled with triton "
                    + __import__("triton").__version__ + ", disassembled with nvdisasm; every time is an ESTIMATE",
            "assumed_h100": H100, "assumed_issue_rates_warp_instr_per_clk_per_sm": sass.RATES,
            "model": __doc__.split("The model that turns counts into time")[1].strip(),
-           "extract_max_S": enc.EXTRACT_MAX, "configs": rows, "est_ratio_to_gemm": estimates}
+           "extract_max_S": enc.EXTRACT_MAX, "configs": rows, "est_ratio_to_gemm": estimates,
+           "est_by_extract_limit_S": by_s}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -165,16 +165,17 @@ def stats_for(z: torch.Tensor, ks, block_ms, block_n: int, chunks_list) -> list:
             tiles = -(-M // bm)
             for chunks in chunks_list:
                 per = -(-tiles // chunks)
-                br = simulate(z, k, block_n, bm, per)
-                f = fractions(br)
-                rows.append({"k": k, "BLOCK_N": block_n, "BLOCK_M": bm, "chunks": chunks, "tiles_per_chunk": per,
-                             "skip": f["skip"], "extract": f["extract"], "full": f["full"],
-                             "skip_or_extract": round(f["skip"] + f["extract"], 4),
-                             "extract_rounds_hist": f["extract_rounds_hist"],
-                             "per_position": _positions_summary(f["per_tile_position_skip_extract_full"], per),
-                             "per_position_all": f["per_tile_position_skip_extract_full"]})
-                print(f"  k={k} BM={bm} chunks={chunks}: skip {f['skip']:.3f} extract {f['extract']:.3f} "
-                      f"full {f['full']:.3f}", flush=True)
+                most = simulate(z, k, block_n, bm, per)
+                row = {"k": k, "BLOCK_N": block_n, "BLOCK_M": bm, "chunks": chunks, "tiles_per_chunk": per}
+                for S in (4, 8, 16):
+                    f = fractions(most, S)
+                    row[f"S={S}"] = {"skip": f["skip"], "extract": f["extract"], "full": f["full"],
+                                     "skip_or_extract": round(f["skip"] + f["extract"], 4),
+                                     "extract_rounds_hist": f["extract_rounds_hist"],
+                                     "per_position": _positions_summary(f["per_tile_position_skip_extract_full"], per)}
+                    print(f"  k={k} BM={bm} chunks={chunks} S={S}: skip {f['skip']:.3f} extract {f['extract']:.3f} "
+                          f"full {f['full']:.3f}", flush=True)
+                rows.append(row)
     return rows
 
 
@@ -187,7 +188,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"extract_max_S": enc.EXTRACT_MAX, "block_n": 128,
+    result = {"kernel_extract_max_S": enc.EXTRACT_MAX, "fractions_for_S": [4, 8, 16], "block_n": 128,
               "note": "branch fractions of (row block, chunk, tile) steps, from replaying the kernel's gating in "
                       "torch (benchmarks/survivor_stats.py); not timings"}
     if not args.synthetic_only:

@@ -364,7 +364,7 @@ def test_gate_every_branch_in_one_chunk_and_across_chunks():
     z[5, 130:133] = 20_001  # row 5: three more in tile 4 (extract, 3 rounds)
     z[:, 200:232] = 30_000 + torch.arange(32).float()  # tile 6: the whole tile beats every list (full)
     most = replay_most(z, k, G16, None)[0, 0].tolist()
-    assert most == [32, 0, 0, 1, 3, 0, 24, 8, 0]  # full, skip x2, extract 1 and 3 rounds, skip, full x2, skip
+    assert most == [32, 0, 0, 1, 3, 0, 24, 8, 0]  # full, skip x2, extract 1 and 3 rounds, skip, full, extract 8 (S)
     for per_chunk in (None, 2, 4):  # one chunk; chunks of 2 and 4 tiles (each chunk starts full)
         assert_exact(scores_as_params(z), k, z, G16, per_chunk)
 
@@ -373,7 +373,7 @@ def test_gate_every_branch_in_one_chunk_and_across_chunks():
 @pytest.mark.parametrize("k", [1, 16, 40], ids=lambda k: f"k{k}")
 def test_gate_adversarial_orders(order, k):
     # k = 1, k = KP (16) and a KP = 64 list; two row blocks (N = 21), odd M, one and several chunks
-    N, M = 21, 32 * 5 + 5
+    N, M = 21, 32 * 5 + 13  # odd, and the tail tile still wider than S
     g = torch.Generator().manual_seed(k)
     if order == "rising":  # every tile beats the running list: the full sort every time
         z = (torch.arange(M).float()[None, :] + torch.randint(0, 3, (N, 1), generator=g)).expand(N, M).clone()

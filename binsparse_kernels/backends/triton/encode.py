@@ -318,9 +318,10 @@ class Config:
     HALVES: bool = False  # sort a full tile in two column halves (_tile_top)
 
 
-# S: a tile whose rows each have at most this many survivors of the gate is inserted by S rounds of
-# a row max and one short merge instead of a full sort (benchmarks/TRITON_NOTES_encode.md: why 4)
-EXTRACT_MAX = 4
+# S: a tile whose rows each have at most this many survivors of the gate is inserted by (at most) S
+# rounds of a row max and one short merge instead of a full sort. 8, not 4: by the compiled code every
+# extract round up to ~14-21 costs less than the full sort (benchmarks/TRITON_NOTES_encode.md)
+EXTRACT_MAX = 8
 _MERGE_BLOCK_N = {16: 32, 32: 32, 64: 16, 128: 8}
 _MERGE_WARPS = 4
 
@@ -345,7 +346,7 @@ def _config(dtype: torch.dtype, kp: int, arch: int = 90) -> Config:
             return Config(64, 64, 32, 8, 3)
         if kp == 64:
             return Config(32, 64, 32, 8, 3)
-        return Config(32, 128, 32, 8, 3)
+        return Config(16, 128, 32, 8, 3)  # 32 rows spill 24-32 bytes
     if kp <= 32:
         return Config(128, 64, 32, 8, 3) if arch >= 90 else Config(64, 64, 32, 8, 3)
     if kp == 64:
