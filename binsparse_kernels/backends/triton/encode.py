@@ -1,23 +1,28 @@
 """Triton fused encode forward: ``x @ W_enc.T + b_enc (- theta | ReLU)`` and an exact per-row top-k,
 without ever writing the ``[N, M]`` pre-activations.
 
-Design (an exact split-M partial top-k, kernel-design-notes §10.3 and §10.7):
+Design (an exact split-M partial top-k with a threshold gate, kernel-design-notes §10.3-§10.7;
+benchmarks/TRITON_NOTES_encode.md has the evidence):
 
-1. ``_encode_partial_kernel``: one program per (block of ``BLOCK_N`` rows) x (chunk of latents). It
-   walks its chunk in ``BLOCK_M``-latent tiles; each tile is a ``tl.dot`` GEMM over ``d`` in
-   ``BLOCK_K`` steps (tensor cores for bf16/fp16, fp32 FMAs for fp32 with ``input_precision="ieee"``,
-   never TF32), accumulated in fp32. The epilogue adds ``b_enc`` and subtracts theta (binary) or
-   applies ReLU (continuous), turns every score into an int64 *key* (below) and folds the tile into a
-   running per-row top-``KP`` list held in registers: ``tl.topk`` cuts the tile to its top ``KP``
-   (descending), and the element-wise max of that and the running list (kept ascending) is bitonic and
-   holds the top ``KP`` of both, so one ``tl.bitonic_merge`` (log2 KP layers) restores the running list.
-   The chunk's list (``KP`` keys per row, ascending) goes to a scratch buffer of ``N * n_chunks * KP``
-   int64: O(N*k), never O(N*M).
+1. ``_encode_partial_kernel``: one program per (block of ``BLOCK_N`` rows) x (chunk of latents), the
+   chunk index fastest in the 1-D grid. It walks its chunk in ``BLOCK_M``-latent tiles; each tile is a
+   ``tl.dot`` GEMM over ``d`` in ``BLOCK_K`` steps (tensor cores for bf16/fp16, fp32 FMAs for fp32 with
+   ``input_precision="ieee"``, never TF32), accumulated in fp32, plus ``b_enc`` and minus theta
+   (binary) or ReLU (continuous). A running top-``KP`` list of int64 *keys* (below) per row, ascending,
+   lives in registers, with a float threshold tau per row: the list's k-th best score, below which no
+   score can enter the row's top k. Per tile the scores not below tau survive; the block's largest
+   survivor count picks one branch: none -> skip the tile; at most ``EXTRACT_MAX`` -> take the
+   survivors out by that many rounds of a row max; more -> cut the tile to its top KP with a bitonic
+   top-k. Either list is folded into the running one by one bitonic merge (the element-wise max of an
+   ascending and a descending list holds the top KP of both and is bitonic). The result is bit for
+   bit that of sorting every tile (``GATE=False``, the tests' baseline). The chunk's list goes to a
+   scratch buffer of ``N * n_chunks * KP`` int64: O(N*k), never O(N*M).
 2. ``_merge_kernel``: one program per block of rows folds the ``n_chunks`` partial lists the same way
    (each next list read back to front, i.e. descending), decodes the keys and writes the largest ``k``
-   values (float32) and indices (int64), largest first. A Triton kernel rather than
-   ``torch.topk`` over the scratch buffer: one launch instead of topk + decode + slicing, and the same
-   key semantics as the first pass by construction.
+   values (float32) and indices (int64), largest first.
+
+The sorting networks use builtins only (reshape, permute, split, join, where), not ``tl.topk``: the
+same code runs on a GPU and under the interpreter, so the tests run the code a GPU runs.
 
 Keys. A float32 score ``s`` becomes a signed int64 whose order is the order of (score, -index):
 the high 32 bits are the float's bits made order-preserving as a signed int32 (negative floats get
@@ -33,11 +38,11 @@ Rows come back sorted by decreasing score (lowest index first among equal scores
 
 k up to ``MAX_FUSED_K = 128`` takes the fused path (``KP`` = next power of two of ``k``, at least 16).
 Larger k takes ``_chunked_fallback``: a chunked fp32 matmul (``x`` and the rounded weights widened to
-fp32, so products are exact and accumulation is fp32, as in the reference) and a ``torch.topk`` merge
-on the same int64 keys, O(N * chunk) memory and the same tie and NaN rules.
-
-Block sizes (``_config``) are a small fixed heuristic by dtype and ``KP`` for H100/H200-class GPUs,
-not tuned (no GPU was available when this was written; see benchmarks/TRITON_NOTES_encode.md).
+fp32, TF32 allowed for 16-bit inputs on a GPU, so products are exact and accumulation is fp32, as in
+the reference) and ``torch.topk`` on the same int64 keys, O(N * chunk) memory, the same tie and NaN
+rules. Block sizes
+(``_config``) come from the compiled code (spill-free launch variants for sm_90a and sm_80), not from
+timings: no GPU was available when this was written.
 """
 
 from __future__ import annotations
@@ -456,7 +461,8 @@ def _torch_decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @contextlib.contextmanager
 def _tf32(enabled: bool):
     """TF32 matmuls for 16-bit inputs: a bf16 or fp16 number fits TF32's significand, so every product
-    is exact and the sum is fp32, as in the reference; never for fp32 inputs."""
+    is exact and the sum is fp32, as in the reference; never for fp32 inputs (off even if the caller
+    turned it on globally). Sets the process-wide flag for the duration of the block."""
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = enabled
     try:
