@@ -145,6 +145,13 @@ def test_k_128_fused(N, d, M, k, chunks, binary):
         check(p, k, binary, *run(p, k, binary))  # the default k=128 configuration
 
 
+def test_k_128_default_configuration_fp16():
+    # the 16-bit KP = 128 configuration a GPU launches (32 x 128 tiles, BLOCK_K 64), two row blocks
+    p = make(40, 72, 300, dtype=torch.float16)
+    for binary in (True, False):
+        check(p, 128, binary, *run(p, 128, binary))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "continuous"])
 @pytest.mark.parametrize("N,d,M,k,chunk", [(33, 40, 700, 129, None), (33, 40, 700, 129, 150), (7, 9, 150, 150, 64),
