@@ -13,6 +13,9 @@ instruction counts by class (shared by benchmarks/static_cost.py and the CUDA ba
   e.g. ``ISETP.GE.AND``), ``base`` (``ISETP``), ``pred`` (``@P0`` or ``""``), ``operands``, ``target``
   (branch target address or None) and ``label`` (the label that starts at it, if any).
 * ``loops(instrs)``: back edges ``(head_index, latch_index)``, innermost first.
+* ``loop_paths(instrs, head, latch)``: every path through one iteration of a loop (head to latch,
+  inner loops' bodies counted once, their back edges and divergence fall-backs not taken), as lists
+  of instruction indices: per-branch instruction counts of a loop body.
 * ``count_classes(instrs)``: a ``Counter`` by instruction class (``CLASSES`` below).
 
 The binaries come from the ``nvidia-cuda-cuobjdump`` / ``nvidia-cuda-nvdisasm`` wheels (requirements.txt).
@@ -176,6 +179,55 @@ def loops(instrs: list[Instr]) -> list[tuple[int, int]]:
     edges = [(index[ins.target], n) for n, ins in enumerate(instrs)
              if ins.base == "BRA" and ins.target is not None and ins.target <= ins.addr]
     return sorted(edges, key=lambda e: e[1] - e[0])
+
+
+def _blocks(instrs: list[Instr]):
+    """Basic blocks as (start, end) index pairs and their successors (block indices). ``BRA.DIV``
+    (the fall-back of a warp-uniform branch for diverged warps) is taken as not taken."""
+    index = {ins.addr: n for n, ins in enumerate(instrs)}
+    leaders = {0}
+    for n, ins in enumerate(instrs):
+        if ins.target is not None:
+            leaders.add(index[ins.target])
+        if ins.base in ("BRA", "EXIT", "RET", "BRX", "JMP"):
+            leaders.add(n + 1)
+    starts = sorted(x for x in leaders if x < len(instrs))
+    bounds = list(zip(starts, starts[1:] + [len(instrs)]))
+    block_of = {st: b for b, (st, _) in enumerate(bounds)}
+    succ = []
+    for b, (st, end) in enumerate(bounds):
+        last = instrs[end - 1]
+        nxt = [b + 1] if b + 1 < len(bounds) else []
+        if last.base == "BRA" and ".DIV" not in last.opcode and last.target is not None:
+            tgt = [block_of[index[last.target]]]
+            succ.append(tgt + nxt if last.pred else tgt)
+        elif last.base in ("EXIT", "RET") and not last.pred:
+            succ.append([])
+        else:
+            succ.append(nxt)
+    return bounds, succ
+
+
+def loop_paths(instrs: list[Instr], head: int, latch: int, limit: int = 20000) -> list[list[int]]:
+    """Every acyclic path from the loop head to its latch that stays inside [head, latch] (so inner
+    loops' bodies appear once), as the list of instruction indices it executes."""
+    bounds, succ = _blocks(instrs)
+    start = next(b for b, (st, end) in enumerate(bounds) if st <= head < end)
+    stop = next(b for b, (st, end) in enumerate(bounds) if st <= latch < end)
+    out: list[list[int]] = []
+
+    def walk(b: int, path: list[int]):
+        if len(out) >= limit:
+            raise RuntimeError(f"more than {limit} paths")
+        if b == stop:
+            out.append(path + [b])
+            return
+        for c in succ[b]:
+            if c > b and bounds[c][0] <= latch:  # forward edges inside the loop only
+                walk(c, path + [b])
+
+    walk(start, [])
+    return [[n for b in p for n in range(*bounds[b])] for p in out]
 
 
 def issue_cycles(counts: Counter, warps: int = 1) -> dict:

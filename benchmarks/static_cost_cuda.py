@@ -220,12 +220,12 @@ def main():
                 "epilogue_scores_clk": round(z_clk), "epilogue_gate_scan_clk": round(scan_clk),
                 **estimate(d, M, k, z_clk, scan_clk, group_block, per_slot, fixed),
             })
-    others = []
-    if os.path.exists(args.out):
-        others = [r for r in json.load(open(args.out)) if r.get("backend") != "cuda"]
+    # one document for both backends: benchmarks/static_cost.py writes the Triton part, this the "cuda" key
+    doc = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    doc["cuda"] = rows
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(others + rows, f, indent=1)
+        f.write(json.dumps(doc, indent=1) + "\n")
     print(f"{kernel[:70]}...: {len(instrs)} instructions, {res['registers']} registers, local {res['local']}")
     print(f"per tile and warp: scores {z_counts['total']} instr -> {z_clk:.0f} clk; gate scan (common path) "
           f"{scan_counts['total']} instr -> {scan_clk:.0f} clk; staging block {group_block:.0f} instr; insertion "

@@ -1,23 +1,28 @@
 """Triton fused encode forward: ``x @ W_enc.T + b_enc (- theta | ReLU)`` and an exact per-row top-k,
 without ever writing the ``[N, M]`` pre-activations.
 
-Design (an exact split-M partial top-k, kernel-design-notes §10.3 and §10.7):
+Design (an exact split-M partial top-k with a threshold gate, kernel-design-notes §10.3-§10.7;
+benchmarks/TRITON_NOTES_encode.md has the evidence):
 
-1. ``_encode_partial_kernel``: one program per (block of ``BLOCK_N`` rows) x (chunk of latents). It
-   walks its chunk in ``BLOCK_M``-latent tiles; each tile is a ``tl.dot`` GEMM over ``d`` in
-   ``BLOCK_K`` steps (tensor cores for bf16/fp16, fp32 FMAs for fp32 with ``input_precision="ieee"``,
-   never TF32), accumulated in fp32. The epilogue adds ``b_enc`` and subtracts theta (binary) or
-   applies ReLU (continuous), turns every score into an int64 *key* (below) and folds the tile into a
-   running per-row top-``KP`` list held in registers: ``tl.topk`` cuts the tile to its top ``KP``
-   (descending), and the element-wise max of that and the running list (kept ascending) is bitonic and
-   holds the top ``KP`` of both, so one ``tl.bitonic_merge`` (log2 KP layers) restores the running list.
-   The chunk's list (``KP`` keys per row, ascending) goes to a scratch buffer of ``N * n_chunks * KP``
-   int64: O(N*k), never O(N*M).
+1. ``_encode_partial_kernel``: one program per (block of ``BLOCK_N`` rows) x (chunk of latents), the
+   chunk index fastest in the 1-D grid. It walks its chunk in ``BLOCK_M``-latent tiles; each tile is a
+   ``tl.dot`` GEMM over ``d`` in ``BLOCK_K`` steps (tensor cores for bf16/fp16, fp32 FMAs for fp32 with
+   ``input_precision="ieee"``, never TF32), accumulated in fp32, plus ``b_enc`` and minus theta
+   (binary) or ReLU (continuous). A running top-``KP`` list of int64 *keys* (below) per row, ascending,
+   lives in registers, with a float threshold tau per row: the list's k-th best score, below which no
+   score can enter the row's top k. Per tile the scores not below tau survive; the block's largest
+   survivor count picks one branch: none -> skip the tile; at most ``EXTRACT_MAX`` -> take the
+   survivors out by that many rounds of a row max; more -> cut the tile to its top KP with a bitonic
+   top-k. Either list is folded into the running one by one bitonic merge (the element-wise max of an
+   ascending and a descending list holds the top KP of both and is bitonic). The result is bit for
+   bit that of sorting every tile (``GATE=False``, the tests' baseline). The chunk's list goes to a
+   scratch buffer of ``N * n_chunks * KP`` int64: O(N*k), never O(N*M).
 2. ``_merge_kernel``: one program per block of rows folds the ``n_chunks`` partial lists the same way
    (each next list read back to front, i.e. descending), decodes the keys and writes the largest ``k``
-   values (float32) and indices (int64), largest first. A Triton kernel rather than
-   ``torch.topk`` over the scratch buffer: one launch instead of topk + decode + slicing, and the same
-   key semantics as the first pass by construction.
+   values (float32) and indices (int64), largest first.
+
+The sorting networks use builtins only (reshape, permute, split, join, where), not ``tl.topk``: the
+same code runs on a GPU and under the interpreter, so the tests run the code a GPU runs.
 
 Keys. A float32 score ``s`` becomes a signed int64 whose order is the order of (score, -index):
 the high 32 bits are the float's bits made order-preserving as a signed int32 (negative floats get
@@ -33,25 +38,28 @@ Rows come back sorted by decreasing score (lowest index first among equal scores
 
 k up to ``MAX_FUSED_K = 128`` takes the fused path (``KP`` = next power of two of ``k``, at least 16).
 Larger k takes ``_chunked_fallback``: a chunked fp32 matmul (``x`` and the rounded weights widened to
-fp32, so products are exact and accumulation is fp32, as in the reference) and a ``torch.topk`` merge
-on the same int64 keys, O(N * chunk) memory and the same tie and NaN rules.
-
-Block sizes (``_config``) are a small fixed heuristic by dtype and ``KP`` for H100/H200-class GPUs,
-not tuned (no GPU was available when this was written; see benchmarks/TRITON_NOTES_encode.md).
+fp32, TF32 allowed for 16-bit inputs on a GPU, so products are exact and accumulation is fp32, as in
+the reference) and ``torch.topk`` on the same int64 keys, O(N * chunk) memory, the same tie and NaN
+rules. Block sizes
+(``_config``) come from the compiled code (spill-free launch variants for sm_90a and sm_80), not from
+timings: no GPU was available when this was written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from torch.multiprocessing.reductions import StorageWeakRef
 
 MAX_FUSED_K = 128
 _MIN_KP = 16
 _SENTINEL = tl.constexpr(-(2**63 - 1))  # below every real key (the lowest is about -2**63 + 2**55)
+_NO_SCORE = tl.constexpr(-(2**31))  # below every ordered score (see _ordered)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -60,16 +68,28 @@ _SENTINEL = tl.constexpr(-(2**63 - 1))  # below every real key (the lowest is ab
 
 
 @triton.jit
-def _scores_to_keys(s, idx):
-    """float32 scores [R, C] and int32 latent indices [C] (or [R, C]) -> int64 keys [R, C]."""
+def _ordered(s):
+    """float32 scores -> int32 in the same order: the high word of the keys. Never -2**31 (that would
+    be a NaN's or -0.0's bits, both canonicalised), so -2**31 can mark "no score"."""
     bits = s.to(tl.int32, bitcast=True)
     magnitude = bits & 2147483647  # integer tests: nothing a float fast-math rewrite could fold away
     bits = tl.where(magnitude == 0, 0, bits)  # -0.0 ties with +0.0
     bits = tl.where(magnitude > 2139095040, 2147483647, bits)  # every NaN -> one class above +inf
-    ordered = tl.where(bits < 0, bits ^ 2147483647, bits).to(tl.int64)
-    # low 32 bits: ~idx as an unsigned 32-bit number (= 2**32 - 1 - idx), zero-extended
+    return tl.where(bits < 0, bits ^ 2147483647, bits)
+
+
+@triton.jit
+def _ordered_to_keys(ordered, idx):
+    """int32 ordered scores and int32 latent indices -> int64 keys: low 32 bits ~idx as an unsigned
+    32-bit number (= 2**32 - 1 - idx), zero-extended, so the lower index is the larger key."""
     low = (idx.to(tl.int32) ^ -1).to(tl.uint32, bitcast=True).to(tl.int64)
-    return (ordered << 32) | low
+    return (ordered.to(tl.int64) << 32) | low
+
+
+@triton.jit
+def _scores_to_keys(s, idx):
+    """float32 scores [R, C] and int32 latent indices [C] (or [R, C]) -> int64 keys [R, C]."""
+    return _ordered_to_keys(_ordered(s), idx)
 
 
 @triton.jit
@@ -82,11 +102,11 @@ def _keys_to_scores(key):
     return bits.to(tl.float32, bitcast=True), idx
 
 
-# Top-k of each row. On a GPU: Triton's ``tl.topk`` (a bitonic top-k). Under the interpreter: the
-# same algorithm written here with builtins only (reshape, permute, split, join, min, max), because
-# the interpreter runs ``tl.topk``'s combine-function reductions element by element in Python
-# (~1000x slower) and pays for every nested jit call. Both are exact on the unique int64 keys, so
-# they return the same lists (tests check both).
+# Sorting networks, written with builtins only (reshape, permute, split, join, where, maximum): the
+# same code runs compiled on a GPU and under the interpreter (where ``tl.topk``'s xor-reductions run
+# element by element in Python, ~1000x slower), so the tests run the code a GPU runs. Compiled for
+# sm_90a it also takes fewer instructions than ``tl.topk`` + ``tl.bitonic_merge`` at KP = 32 and 128
+# (benchmarks/TRITON_NOTES_encode.md): a compare-exchange is one compare and two selects per pair.
 #
 # A compare-exchange along column bit j views the [R, W] tile as [R, W / 2^(j+1), 2, 2^j], moves the
 # size-2 axis last and splits it: a and b are the partners. Blocks of 2^LOG_K columns are sorted
@@ -96,86 +116,125 @@ def _keys_to_scores(key):
 
 
 @triton.jit
-def _topk_desc(x, LOG_R: tl.constexpr, LOG_C: tl.constexpr, LOG_K: tl.constexpr, TL_TOPK: tl.constexpr):
-    """The 2^LOG_K largest entries of each row of x [2^LOG_R, 2^LOG_C], in decreasing order."""
-    if TL_TOPK:
-        return tl.topk(x, 2**LOG_K)
+def _exchange_layer(h, R: tl.constexpr, W: tl.constexpr, BLOCKS: tl.constexpr, HALF: tl.constexpr, i: tl.constexpr,
+                    ALTERNATE: tl.constexpr, DESCENDING: tl.constexpr):
+    """One compare-exchange layer on [R, W] viewed as [R, BLOCKS, 2, HALF] (partners HALF apart): one
+    compare and two selects per pair. The first partner takes the larger key in a descending block.
+    ALTERNATE: block q is descending where bit i of q is set; else every block is DESCENDING or not."""
+    a, b = tl.split(tl.permute(tl.reshape(h, [R, BLOCKS, 2, HALF]), (0, 1, 3, 2)))
+    if ALTERNATE:
+        q = tl.arange(0, BLOCKS)
+        swap = (a < b) == (((q >> i) & 1)[None, :, None] != 0)
+    elif DESCENDING:
+        swap = a < b
     else:
-        R: tl.constexpr = 2**LOG_R
-        h = x
-        for s in tl.static_range(1, LOG_K + 1):  # sort blocks of 2^s
-            for i in tl.static_range(s):  # column bit j = s - 1 - i; bit s of the column = bit i of q
-                v = tl.permute(tl.reshape(h, [R, 2**(LOG_C - s + i), 2, 2**(s - 1 - i)]), (0, 1, 3, 2))
-                a, b = tl.split(v)
-                lo = tl.minimum(a, b)
-                hi = tl.maximum(a, b)
-                if s < LOG_C:
-                    q = tl.arange(0, 2**(LOG_C - s + i))
-                    d = ((q >> i) & 1)[None, :, None] != 0
-                    v = tl.join(tl.where(d, hi, lo), tl.where(d, lo, hi))
-                else:
-                    v = tl.join(hi, lo)
-                h = tl.reshape(tl.permute(v, (0, 1, 3, 2)), [R, 2**LOG_C])
-        for s in tl.static_range(LOG_K + 1, LOG_C + 1):  # halve: width 2^(LOG_C - s + LOG_K + 1) -> half
-            v = tl.permute(tl.reshape(h, [R, 2**(LOG_C - s), 2, 2**LOG_K]), (0, 1, 3, 2))
-            a, b = tl.split(v)
-            h = tl.reshape(tl.maximum(a, b), [R, 2**(LOG_C - s + LOG_K)])
-            for i in tl.static_range(LOG_K):  # re-merge blocks of 2^LOG_K; bit LOG_K = bit i of q
-                v = tl.permute(tl.reshape(h, [R, 2**(LOG_C - s + i), 2, 2**(LOG_K - 1 - i)]), (0, 1, 3, 2))
-                a, b = tl.split(v)
-                lo = tl.minimum(a, b)
-                hi = tl.maximum(a, b)
-                if s < LOG_C:
-                    q = tl.arange(0, 2**(LOG_C - s + i))
-                    d = ((q >> i) & 1)[None, :, None] != 0
-                    v = tl.join(tl.where(d, hi, lo), tl.where(d, lo, hi))
-                else:
-                    v = tl.join(hi, lo)
-                h = tl.reshape(tl.permute(v, (0, 1, 3, 2)), [R, 2**(LOG_C - s + LOG_K)])
-        return h
+        swap = b < a
+    a, b = tl.where(swap, b, a), tl.where(swap, a, b)
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 1, 3, 2)), [R, W])
 
 
 @triton.jit
-def _fold(running, top, LOG_R: tl.constexpr, LOG_KP: tl.constexpr, TL_TOPK: tl.constexpr):
-    """Merge an ascending [R, KP] list with a descending one: the top KP of both, ascending.
+def _topk_desc(x, LOG_R: tl.constexpr, LOG_C: tl.constexpr, LOG_K: tl.constexpr, DESCENDING: tl.constexpr):
+    """The 2^LOG_K largest entries of each row of x [2^LOG_R, 2^LOG_C], in decreasing order (increasing
+    if not DESCENDING)."""
+    R: tl.constexpr = 2**LOG_R
+    h = x
+    for s in tl.static_range(1, LOG_K + 1):  # sort blocks of 2^s; bit s of the column = bit i of the block
+        for i in tl.static_range(s):
+            h = _exchange_layer(h, R, 2**LOG_C, 2**(LOG_C - s + i), 2**(s - 1 - i), i, s < LOG_C, DESCENDING)
+    for s in tl.static_range(LOG_K + 1, LOG_C + 1):  # halve: width 2^(LOG_C - s + LOG_K + 1) -> half
+        a, b = tl.split(tl.permute(tl.reshape(h, [R, 2**(LOG_C - s), 2, 2**LOG_K]), (0, 1, 3, 2)))
+        h = tl.reshape(tl.maximum(a, b), [R, 2**(LOG_C - s + LOG_K)])
+        for i in tl.static_range(LOG_K):  # re-merge blocks of 2^LOG_K; bit LOG_K = bit i of the block
+            h = _exchange_layer(h, R, 2**(LOG_C - s + LOG_K), 2**(LOG_C - s + i), 2**(LOG_K - 1 - i), i,
+                                s < LOG_C, DESCENDING)
+    return h
+
+
+@triton.jit
+def _fold(running, top, LOG_R: tl.constexpr, LOG_KP: tl.constexpr, DESCENDING: tl.constexpr = False):
+    """Merge an ascending [R, KP] list with a descending one: the top KP of both, ascending (or
+    descending if DESCENDING).
 
     The element-wise max of an ascending and a descending sequence holds the top KP of their union
     and is bitonic, so one bitonic merge (log2 KP compare-exchange layers) sorts it, instead of a
     top-k over the 2 * KP keys of both lists.
     """
     h = tl.maximum(running, top)
-    if TL_TOPK:
-        return tl.bitonic_merge(h, descending=False)
-    else:
+    for i in tl.static_range(LOG_KP):  # column bit LOG_KP - 1 - i
+        h = _exchange_layer(h, 2**LOG_R, 2**LOG_KP, 2**i, 2**(LOG_KP - 1 - i), 0, False, DESCENDING)
+    return h
+
+
+@triton.jit
+def _tile_top(s, lat, lat_ok, LOG_R: tl.constexpr, LOG_C: tl.constexpr, LOG_K: tl.constexpr, HALVES: tl.constexpr):
+    """The top 2^LOG_K keys of each row of the scores s [2^LOG_R, 2^LOG_C] (latents lat), descending.
+    HALVES: the two column halves are cut to their top 2^LOG_K one after the other (one ascending, one
+    descending) and merged, so only half the tile's int64 keys are live at once (what lets 128 x 128
+    tiles fit in registers)."""
+    if HALVES:
         R: tl.constexpr = 2**LOG_R
-        for i in tl.static_range(LOG_KP):  # column bit LOG_KP - 1 - i
-            v = tl.permute(tl.reshape(h, [R, 2**i, 2, 2**(LOG_KP - 1 - i)]), (0, 1, 3, 2))
-            a, b = tl.split(v)
-            h = tl.reshape(tl.permute(tl.join(tl.minimum(a, b), tl.maximum(a, b)), (0, 1, 3, 2)), [R, 2**LOG_KP])
-        return h
+        H: tl.constexpr = 2**(LOG_C - 1)
+        s0, s1 = tl.split(tl.permute(tl.reshape(s, [R, 2, H]), (0, 2, 1)))
+        l0, l1 = tl.split(tl.permute(tl.reshape(lat, [2, H]), (1, 0)))
+        ok0, ok1 = tl.split(tl.permute(tl.reshape(lat_ok, [2, H]), (1, 0)))
+        k0 = tl.where(ok0[None, :], _scores_to_keys(s0, l0[None, :]), _SENTINEL)
+        t0 = _topk_desc(k0, LOG_R, LOG_C - 1, LOG_K, False)
+        k1 = tl.where(ok1[None, :], _scores_to_keys(s1, l1[None, :]), _SENTINEL)
+        t1 = _topk_desc(k1, LOG_R, LOG_C - 1, LOG_K, True)
+        return _fold(t0, t1, LOG_R, LOG_K, True)
+    else:
+        keys = tl.where(lat_ok[None, :], _scores_to_keys(s, lat[None, :]), _SENTINEL)
+        return _topk_desc(keys, LOG_R, LOG_C, LOG_K, True)
 
 
-@triton.jit(do_not_specialize=["binary"])
+@triton.jit
+def _gate_threshold(running, k, KP: tl.constexpr):
+    """The float threshold of each row: scores below it cannot enter the row's top k (exact superset).
+
+    The running list's k-th best key (slot KP - k of the ascending list) is a lower bound of the
+    chunk's final k-th key, so a score whose key is below it can be dropped. As a float: a score s
+    survives unless ``s < tau``; tau = -inf while the slot is the sentinel (the list is not full: all
+    survive), +inf when the k-th key is a NaN (only NaN scores, and +inf, survive), else the k-th score.
+    The float test keeps a superset of the keys above the k-th (equal scores with higher indices, and
+    -0.0 against +0.0, survive too); the keys settle them.
+    """
+    slots = tl.arange(0, KP)
+    kth = tl.max(tl.where(slots[None, :] == KP - k, running, _SENTINEL), axis=1)
+    score, _ = _keys_to_scores(kth)
+    tau = tl.where(score != score, float("inf"), score)
+    return tl.where(kth == _SENTINEL, float("-inf"), tau)  # (the sentinel decodes to a NaN)
+
+
+@triton.jit(do_not_specialize=["N", "M", "k", "tiles_per_chunk", "n_chunks", "binary"])
 def _encode_partial_kernel(
     x_ptr, w_ptr, b_ptr, t_ptr, keys_ptr,
-    N, M, D, tiles_per_chunk, n_chunks, binary,
+    N, M, D, k, tiles_per_chunk, n_chunks, binary,
     IEEE: tl.constexpr, KP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    LOG_KP: tl.constexpr, LOG_BN: tl.constexpr, LOG_BM: tl.constexpr, TL_TOPK: tl.constexpr,
+    LOG_KP: tl.constexpr, LOG_BN: tl.constexpr, LOG_BM: tl.constexpr,
+    GATE: tl.constexpr, EXTRACT: tl.constexpr, HALVES: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    # chunk index fastest: the programs of a wave share row blocks (x stays in L2), see _n_chunks
+    pid = tl.program_id(0)
+    pid_c = pid % n_chunks
+    pid_n = pid // n_chunks
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     ks = tl.arange(0, BLOCK_K)
+    slots = tl.arange(0, KP)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * D
 
     running = tl.full((BLOCK_N, KP), _SENTINEL, tl.int64)
+    tau = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     chunk_start = pid_c * tiles_per_chunk * BLOCK_M
     n_tiles = tl.minimum(tiles_per_chunk, tl.cdiv(M - chunk_start, BLOCK_M))
     for t in range(0, n_tiles):
         lat = chunk_start + t * BLOCK_M + tl.arange(0, BLOCK_M)
         lat_ok = lat < M
+        # issued before the k-loop, so their latency hides under it
+        bias = tl.load(b_ptr + lat, mask=lat_ok, other=0.0)
+        theta = tl.load(t_ptr + lat, mask=lat_ok, other=0.0)  # t_ptr = b_ptr when not binary (unused)
         w_cols = w_ptr + lat.to(tl.int64)[None, :] * D  # W viewed as [BLOCK_K, BLOCK_M]
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
@@ -183,32 +242,53 @@ def _encode_partial_kernel(
             k_ok = kk < D
             a = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_cols + kk[:, None], mask=k_ok[:, None] & lat_ok[None, :], other=0.0)
+            b = b.to(x_ptr.dtype.element_ty)  # a no-op as launched (W comes in x's dtype)
             if IEEE:
                 acc = tl.dot(a, b, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b, acc)
-        bias = tl.load(b_ptr + lat, mask=lat_ok, other=0.0)
         s = acc + bias[None, :]
         if binary != 0:  # a uniform runtime branch: one compiled kernel for both encoders
-            theta = tl.load(t_ptr + lat, mask=lat_ok, other=0.0)
             s = s - theta[None, :]
         else:
             s = tl.where(s <= 0.0, 0.0, s)  # ReLU that keeps NaN (NaN <= 0 is false)
-        keys = _scores_to_keys(s, lat[None, :])
-        keys = tl.where(lat_ok[None, :], keys, _SENTINEL)
-        top = _topk_desc(keys, LOG_BN, LOG_BM, LOG_KP, TL_TOPK)  # the tile's top KP, descending
-        running = _fold(running, top, LOG_BN, LOG_KP, TL_TOPK)  # the chunk's top KP so far, ascending
+        if GATE:
+            # survivors: scores not below the row's threshold (NaN survives: NaN < tau is false)
+            surv = (~(s < tau[:, None])) & row_ok[:, None] & lat_ok[None, :]
+            most = tl.max(tl.sum(surv.to(tl.int32), axis=1), axis=0)  # block-uniform branch
+            if most > 0:  # else no row has a survivor: the tile is skipped
+                if most > EXTRACT:  # the tile's top KP by sorting (the ungated step)
+                    top = _tile_top(s, lat, lat_ok, LOG_BN, LOG_BM, LOG_KP, HALVES)
+                else:
+                    # at most EXTRACT survivors per row: take them out largest first (`most` rounds of
+                    # a row max of the 32-bit ordered scores, lowest index among equal ones: the key
+                    # order), into a descending list padded with the sentinel
+                    cand = tl.where(surv, _ordered(s), _NO_SCORE)
+                    top = tl.full((BLOCK_N, KP), _SENTINEL, tl.int64)
+                    for r in range(0, most):
+                        best = tl.max(cand, axis=1)
+                        at = tl.min(tl.where(cand == best[:, None], lat[None, :], 2147483647), axis=1)
+                        key = tl.where(best == _NO_SCORE, _SENTINEL, _ordered_to_keys(best, at))
+                        top = tl.where(slots[None, :] == r, key[:, None], top)
+                        cand = tl.where(lat[None, :] == at[:, None], _NO_SCORE, cand)
+                # one merge for both branches (a copy per branch needs more registers: spills)
+                running = _fold(running, top, LOG_BN, LOG_KP)
+                tau = _gate_threshold(running, k, KP)
+        else:  # every tile sorted and folded (the tests' bit-for-bit baseline)
+            running = _fold(running, _tile_top(s, lat, lat_ok, LOG_BN, LOG_BM, LOG_KP, HALVES), LOG_BN, LOG_KP)
 
-    slots = tl.arange(0, KP)
-    out = keys_ptr + (rows.to(tl.int64)[:, None] * n_chunks + pid_c) * KP + slots[None, :]
-    tl.store(out, running, mask=row_ok[:, None])
+    # the list's row offsets recomputed here rather than kept live through the tile loop
+    first = (tl.program_id(0) // n_chunks).to(tl.int64) * BLOCK_N
+    out_rows = first + tl.arange(0, BLOCK_N)
+    out = keys_ptr + (out_rows[:, None] * n_chunks + (tl.program_id(0) % n_chunks)) * KP + slots[None, :]
+    tl.store(out, running, mask=out_rows[:, None] < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "n_chunks", "k"])
 def _merge_kernel(
     keys_ptr, values_ptr, indices_ptr,
     N, n_chunks, k,
-    KP: tl.constexpr, BLOCK_N: tl.constexpr, LOG_KP: tl.constexpr, LOG_BN: tl.constexpr, TL_TOPK: tl.constexpr,
+    KP: tl.constexpr, BLOCK_N: tl.constexpr, LOG_KP: tl.constexpr, LOG_BN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -220,7 +300,7 @@ def _merge_kernel(
     for c in range(1, n_chunks):
         # chunk c's list read back to front, i.e. descending, as _fold wants it
         part = tl.load(base + c * KP + rank[None, :], mask=row_ok[:, None], other=_SENTINEL)
-        running = _fold(running, part, LOG_BN, LOG_KP, TL_TOPK)
+        running = _fold(running, part, LOG_BN, LOG_KP)
     values, idx = _keys_to_scores(running)
     out = rows.to(tl.int64)[:, None] * k + rank[None, :]
     ok = row_ok[:, None] & (rank[None, :] < k)
@@ -240,8 +320,13 @@ class Config:
     BLOCK_K: int
     num_warps: int
     num_stages: int
+    HALVES: bool = False  # sort a full tile in two column halves (_tile_top)
 
 
+# S: a tile whose rows each have at most this many survivors of the gate is inserted by (at most) S
+# rounds of a row max and one short merge instead of a full sort. 8, not 4: by the compiled code every
+# extract round up to ~14-21 costs less than the full sort (benchmarks/TRITON_NOTES_encode.md)
+EXTRACT_MAX = 8
 _MERGE_BLOCK_N = {16: 32, 32: 32, 64: 16, 128: 8}
 _MERGE_WARPS = 4
 
@@ -255,43 +340,54 @@ def _kp(k: int) -> int:
     return max(_MIN_KP, triton.next_power_of_2(k))
 
 
-def _config(dtype: torch.dtype, kp: int) -> Config:
-    """Block sizes for H100/H200-class GPUs: chosen from compile-time facts, not from timings.
-
-    Per tile the program sorts ``BLOCK_N x BLOCK_M`` int64 keys down to ``KP`` per row and merges them
-    with its running ``BLOCK_N x KP`` list, all in registers next to the fp32 accumulator, in fully
-    unrolled sorting networks. Chosen so that ptxas (sm_90a, bf16) reports no spills, with BLOCK_N >= 64
-    where possible (wgmma needs 64-row tiles; fewer rows per W tile means more L2 traffic per FLOP):
-    KP <= 32: 128 x 64 (246 registers); KP = 64: 64 x 64 (255); KP = 128: 32 x 128 (237). 8 warps.
-    (64 x 128 tiles at 4 warps gave ~1 MB cubins and minutes of compile; 16 x 128 at KP = 128 spilled.)
-    fp32 inputs (fp32 FMAs, never TF32; not the speed target) take half the rows and half BLOCK_K,
-    which keeps them spill-free too.
-    """
+def _config(dtype: torch.dtype, kp: int, arch: int = 90) -> Config:
+    """Block sizes for H100/H200 (``arch`` 90) and A100 (80)-class GPUs, chosen from the compiled code
+    (registers, spills and instruction counts of the variant a launch compiles, benchmarks/static_cost.py),
+    not from timings: the largest tiles whose launched variant compiles without spills (128 x 128 does
+    not fit at KP <= 32 with the gate: 255 registers and 8-440 bytes of spills). fp32 inputs (fp32 FMAs,
+    never TF32; not the speed target) take smaller tiles, spill-free too."""
     if dtype == torch.float32:
         if kp <= 32:
             return Config(64, 64, 32, 8, 3)
         if kp == 64:
             return Config(32, 64, 32, 8, 3)
-        return Config(32, 128, 32, 8, 3)
+        return Config(16, 128, 32, 8, 3)  # 32 rows spill 24-32 bytes
     if kp <= 32:
-        return Config(128, 64, 64, 8, 3)
+        return Config(128, 64, 32, 8, 3) if arch >= 90 else Config(64, 64, 32, 8, 3)
     if kp == 64:
         return Config(64, 64, 64, 8, 3)
     return Config(32, 128, 64, 8, 3)
 
 
-def _n_sms(device: torch.device) -> int:
+def _arch(device: torch.device) -> int:
+    """Compute capability as 10 * major + minor (90 for an H100); 90 on the CPU (the interpreter)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
 
 
-def _n_chunks(N: int, M: int, block_n: int, block_m: int, device: torch.device) -> tuple[int, int]:
-    """(tiles per chunk, chunks): enough programs for ~2 waves, chunks as long as that allows."""
+def _device_facts(device: torch.device) -> tuple[int, int]:
+    """(SM count, L2 bytes); an H100's on the CPU (the interpreter), so chunking is tested as on it."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.multi_processor_count, props.L2_cache_size
+    return 132, 50 * 2**20
+
+
+def _n_chunks(N: int, M: int, D: int, x_bytes: int, block_n: int, block_m: int,
+              device: torch.device) -> tuple[int, int]:
+    """(tiles per chunk, chunks). As few chunks as possible (a longer chunk gives the gate a tighter
+    threshold sooner, and fewer partial lists to merge), but enough programs for 90% of the SMs, and
+    enough that one wave's rows of x fit in half of L2: the chunk index varies fastest in the grid,
+    so a wave of ``SMs`` programs covers ``SMs / chunks`` row blocks, each re-read once per tile."""
     tiles = triton.cdiv(M, block_m)
     row_blocks = triton.cdiv(N, block_n)
-    want = max(1, min(tiles, triton.cdiv(2 * _n_sms(device), row_blocks)))
-    per_chunk = triton.cdiv(tiles, want)
+    sms, l2 = _device_facts(device)
+    chunks = max(1, triton.cdiv(9 * sms, 10 * row_blocks))
+    while chunks < tiles and min(row_blocks, triton.cdiv(sms, chunks)) * block_n * D * x_bytes > l2 // 2:
+        chunks += 1
+    per_chunk = triton.cdiv(tiles, min(chunks, tiles))
     return per_chunk, triton.cdiv(tiles, per_chunk)
 
 
@@ -302,33 +398,40 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _fused(x, W, b, theta, k, binary, cfg: Config, tiles_per_chunk: int | None = None,
-           tl_topk: bool | None = None):
+def _launch_partial(x, W, b, t, keys, k, binary, cfg: Config, tiles_per_chunk: int, n_chunks: int, gate: bool = True):
+    """The GEMM + running top-k kernel (``t`` is theta, or any float32 [M] tensor when not binary)."""
+    N, D = x.shape
+    kp = keys.shape[2]
+    _encode_partial_kernel[(triton.cdiv(N, cfg.BLOCK_N) * n_chunks,)](
+        x, W, b, t, keys, N, W.shape[0], D, k, tiles_per_chunk, n_chunks, int(binary),
+        IEEE=x.dtype == torch.float32, KP=kp,
+        BLOCK_N=cfg.BLOCK_N, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
+        LOG_KP=_log2(kp), LOG_BN=_log2(cfg.BLOCK_N), LOG_BM=_log2(cfg.BLOCK_M), GATE=gate, EXTRACT=EXTRACT_MAX,
+        HALVES=cfg.HALVES, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _launch_merge(keys, values, indices, k):
+    N, n_chunks, kp = keys.shape
+    mbn = _MERGE_BLOCK_N[kp]
+    _merge_kernel[(triton.cdiv(N, mbn),)](keys, values, indices, N, n_chunks, k, KP=kp, BLOCK_N=mbn,
+                                          LOG_KP=_log2(kp), LOG_BN=_log2(mbn), num_warps=_MERGE_WARPS)
+
+
+def _fused(x, W, b, theta, k, binary, cfg: Config, tiles_per_chunk: int | None = None, gate: bool = True):
     N, D = x.shape
     M = W.shape[0]
     kp = _kp(k)
     assert cfg.BLOCK_M >= kp, "BLOCK_M must hold at least KP latents"
     if tiles_per_chunk is None:
-        tiles_per_chunk, n_chunks = _n_chunks(N, M, cfg.BLOCK_N, cfg.BLOCK_M, x.device)
+        tiles_per_chunk, n_chunks = _n_chunks(N, M, D, x.element_size(), cfg.BLOCK_N, cfg.BLOCK_M, x.device)
     else:
         n_chunks = triton.cdiv(triton.cdiv(M, cfg.BLOCK_M), tiles_per_chunk)
     keys = torch.empty(N, n_chunks, kp, dtype=torch.int64, device=x.device)
     values = torch.empty(N, k, dtype=torch.float32, device=x.device)
     indices = torch.empty(N, k, dtype=torch.int64, device=x.device)
-    t = theta if binary else b  # unused when not binary
-    if tl_topk is None:
-        tl_topk = not _interpreting()
-    _encode_partial_kernel[(triton.cdiv(N, cfg.BLOCK_N), n_chunks)](
-        x, W, b, t, keys, N, M, D, tiles_per_chunk, n_chunks, int(binary),
-        IEEE=x.dtype == torch.float32, KP=kp,
-        BLOCK_N=cfg.BLOCK_N, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
-        LOG_KP=_log2(kp), LOG_BN=_log2(cfg.BLOCK_N), LOG_BM=_log2(cfg.BLOCK_M), TL_TOPK=tl_topk,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    mbn = _MERGE_BLOCK_N[kp]
-    _merge_kernel[(triton.cdiv(N, mbn),)](keys, values, indices, N, n_chunks, k, KP=kp, BLOCK_N=mbn,
-                                          LOG_KP=_log2(kp), LOG_BN=_log2(mbn), TL_TOPK=tl_topk,
-                                          num_warps=_MERGE_WARPS)
+    _launch_partial(x, W, b, theta if binary else b, keys, k, binary, cfg, tiles_per_chunk, n_chunks, gate)
+    _launch_merge(keys, values, indices, k)
     return values, indices
 
 
@@ -355,52 +458,93 @@ def _torch_decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.view(torch.float32), idx
 
 
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    """TF32 matmuls for 16-bit inputs: a bf16 or fp16 number fits TF32's significand, so every product
+    is exact and the sum is fp32, as in the reference; never for fp32 inputs (off even if the caller
+    turned it on globally). Sets the process-wide flag for the duration of the block."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def _chunked_fallback(x, W, b, theta, k, binary, chunk: int | None = None):
+    """Per chunk of latents: fp32 scores, their keys, the chunk's top k (unsorted) folded into the
+    running candidates (top k of 2k); one sort at the end."""
     N, _ = x.shape
     M = W.shape[0]
-    if chunk is None:  # ~256 MB of fp32 scores + int64 keys per chunk
-        chunk = max(k, min(M, (1 << 26) // max(1, 3 * N)))
+    if chunk is None:  # ~1 GB of fp32 scores + int64 keys + temporaries per chunk
+        chunk = max(k, min(M, (1 << 30) // max(1, 24 * N)))
     xf = x.float()
     best = None
-    for m0 in range(0, M, chunk):
-        m1 = min(M, m0 + chunk)
-        s = xf @ W[m0:m1].float().T + b[m0:m1]
-        s = s - theta[m0:m1] if binary else torch.where(s <= 0, torch.zeros_like(s), s)
-        keys = _torch_keys(s, m0)
-        del s
-        if best is not None:
-            keys = torch.cat([best, keys], dim=1)
-        best = torch.topk(keys, min(k, keys.shape[1]), dim=1, sorted=True).values
-    return _torch_decode(best)
+    with _tf32(x.dtype in (torch.float16, torch.bfloat16) and x.is_cuda):
+        for m0 in range(0, M, chunk):
+            m1 = min(M, m0 + chunk)
+            s = torch.addmm(b[m0:m1], xf, W[m0:m1].float().T)
+            s = s - theta[m0:m1] if binary else torch.where(s <= 0, torch.zeros_like(s), s)
+            keys = _torch_keys(s, m0)
+            del s
+            keys = torch.topk(keys, min(k, keys.shape[1]), dim=1, sorted=False).values
+            if best is not None:
+                keys = torch.cat([best, keys], dim=1)
+                keys = torch.topk(keys, min(k, keys.shape[1]), dim=1, sorted=False).values
+            best = keys
+    return _torch_decode(torch.sort(best, dim=1, descending=True).values)
 
 
 # ------------------------------------------------------------------------------------------------
 # Backend entry point
 # ------------------------------------------------------------------------------------------------
 
+_cast_cache: dict = {}
+
+
+def _weights_in(W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W rounded to ``dtype``, the copy reused while W is unchanged (same storage, same version
+    counter: an optimizer step bumps it), so the copy is made once per optimizer step, not per call.
+    One entry; the storage is held by a weak reference, so a freed W cannot alias a new one."""
+    if W.dtype == dtype:
+        return W.contiguous()
+    if W.is_inference() or torch.compiler.is_compiling():  # no version counter to key on
+        return W.to(dtype).contiguous()
+    key = (W.data_ptr(), W.storage_offset(), tuple(W.shape), W.stride(), W.dtype, dtype, W.device, W._version)
+    hit = _cast_cache.get("entry")
+    if hit is not None and hit[0] == key and not hit[1].expired():
+        return hit[2]
+    cast = W.detach().to(dtype).contiguous()
+    _cast_cache["entry"] = (key, StorageWeakRef(W.untyped_storage()), cast)
+    return cast
+
 
 def encode_forward(x, W_enc, b_enc, threshold, k: int, binary: bool, *, _config_override: Config | None = None,
-                   _tiles_per_chunk: int | None = None, _fallback_chunk: int | None = None):
+                   _tiles_per_chunk: int | None = None, _fallback_chunk: int | None = None, _gate: bool = True):
     """Top-k of the scores per row: ``(values float32 [N,k], indices int64 [N,k])``, rows sorted by
     decreasing score, lowest index first among ties (see the module docstring).
 
-    The underscored keywords are test hooks (small blocks, several chunks, small fallback chunks).
+    The underscored keywords are test hooks (small blocks, several chunks, small fallback chunks,
+    the ungated kernel as the bit-for-bit baseline of the gated one).
     """
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        raise ValueError("backend 'triton' on CPU tensors runs under the Triton interpreter (TRITON_INTERPRET=1), "
+                         "whose bf16 tl.dot is wrong: use float16 or float32 there, bf16 on a GPU")
     N = x.shape[0]
     M = W_enc.shape[0]
-    W = W_enc if W_enc.dtype == x.dtype else W_enc.to(x.dtype)
-    W = W.contiguous()
-    x = x.contiguous()
-    b = b_enc.to(torch.float32).contiguous()
-    theta = threshold.to(torch.float32).contiguous() if binary else None
     if N == 0 or k == 0:
         return (torch.empty(N, k, dtype=torch.float32, device=x.device),
                 torch.empty(N, k, dtype=torch.int64, device=x.device))
     assert 1 <= k <= M, "k must be in [1, M] (validated by ops.py)"
-    if k > MAX_FUSED_K or x.dtype not in _DTYPE_ARG or x.shape[1] == 0:
-        return _chunked_fallback(x, W, b, theta, k, binary, _fallback_chunk)
-    cfg = _config_override or _config(x.dtype, _kp(k))
-    return _fused(x, W, b, theta, k, binary, cfg, _tiles_per_chunk)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        W = _weights_in(W_enc, x.dtype)
+        x = x.contiguous()
+        b = b_enc.to(torch.float32).contiguous()
+        theta = threshold.to(torch.float32).contiguous() if binary else None
+        if k > MAX_FUSED_K or x.dtype not in _DTYPE_ARG or x.shape[1] == 0:
+            return _chunked_fallback(x, W, b, theta, k, binary, _fallback_chunk)
+        cfg = _config_override or _config(x.dtype, _kp(k), _arch(x.device))
+        return _fused(x, W, b, theta, k, binary, cfg, _tiles_per_chunk, _gate)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,28 +552,45 @@ def encode_forward(x, W_enc, b_enc, threshold, k: int, binary: bool, *, _config_
 # ------------------------------------------------------------------------------------------------
 
 
-def aot_launches():
-    """Every (kernel, signature, constexprs, options) the wrapper can launch on a GPU."""
-    out = []
-    for dtype, name in _DTYPE_ARG.items():
-        for kp in (16, 32, 64, 128):
-            cfg = _config(dtype, kp)
-            sig = {"x_ptr": f"*{name}", "w_ptr": f"*{name}", "b_ptr": "*fp32", "t_ptr": "*fp32", "keys_ptr": "*i64",
-                   "N": "i32", "M": "i32", "D": "i32", "tiles_per_chunk": "i32", "n_chunks": "i32", "binary": "i32"}
-            cx = {"IEEE": dtype == torch.float32, "KP": kp, "BLOCK_N": cfg.BLOCK_N, "BLOCK_M": cfg.BLOCK_M,
-                  "BLOCK_K": cfg.BLOCK_K, "LOG_KP": _log2(kp), "LOG_BN": _log2(cfg.BLOCK_N),
-                  "LOG_BM": _log2(cfg.BLOCK_M), "TL_TOPK": True}
-            sig.update({c: "constexpr" for c in cx})
-            out.append((_encode_partial_kernel, sig, cx, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}))
-    for kp, bn in _MERGE_BLOCK_N.items():
-        sig = {"keys_ptr": "*i64", "values_ptr": "*fp32", "indices_ptr": "*i64", "N": "i32", "n_chunks": "i32",
-               "k": "i32"}
-        cx = {"KP": kp, "BLOCK_N": bn, "LOG_KP": _log2(kp), "LOG_BN": _log2(bn), "TL_TOPK": True}
-        sig.update({c: "constexpr" for c in cx})
-        out.append((_merge_kernel, sig, cx, {"num_warps": _MERGE_WARPS}))
-    return out
+def _partial_spec(dtype: torch.dtype, kp: int, arch: int = 90, gate: bool = True):
+    cfg = _config(dtype, kp, arch)
+    name = _DTYPE_ARG[dtype]
+    sig = {"x_ptr": f"*{name}", "w_ptr": f"*{name}", "b_ptr": "*fp32", "t_ptr": "*fp32", "keys_ptr": "*i64",
+           "N": "i32", "M": "i32", "D": "i32", "k": "i32", "tiles_per_chunk": "i32", "n_chunks": "i32",
+           "binary": "i32"}
+    cx = {"IEEE": dtype == torch.float32, "KP": kp, "BLOCK_N": cfg.BLOCK_N, "BLOCK_M": cfg.BLOCK_M,
+          "BLOCK_K": cfg.BLOCK_K, "LOG_KP": _log2(kp), "LOG_BN": _log2(cfg.BLOCK_N), "LOG_BM": _log2(cfg.BLOCK_M),
+          "GATE": gate, "EXTRACT": EXTRACT_MAX, "HALVES": cfg.HALVES}
+    sig.update({c: "constexpr" for c in cx})
+    return _encode_partial_kernel, sig, cx, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
-def aot_specs():
-    """``[(JITFunction, signature, constexprs)]`` for every kernel configuration the wrapper launches."""
-    return [(fn, sig, cx) for fn, sig, cx, _ in aot_launches()]
+def _merge_spec(kp: int):
+    bn = _MERGE_BLOCK_N[kp]
+    sig = {"keys_ptr": "*i64", "values_ptr": "*fp32", "indices_ptr": "*i64", "N": "i32", "n_chunks": "i32",
+           "k": "i32"}
+    cx = {"KP": kp, "BLOCK_N": bn, "LOG_KP": _log2(kp), "LOG_BN": _log2(bn)}
+    sig.update({c: "constexpr" for c in cx})
+    return _merge_kernel, sig, cx, {"num_warps": _MERGE_WARPS}
+
+
+def aot_launches(arch: int = 90):
+    """Every (kernel, signature, constexprs, options) the wrapper can launch on a GPU of ``arch``."""
+    out = [_partial_spec(dtype, kp, arch) for dtype in _DTYPE_ARG for kp in (16, 32, 64, 128)]
+    return out + [_merge_spec(kp) for kp in _MERGE_BLOCK_N]
+
+
+def launch_variant(fn, signature: dict, constexprs: dict, *, d: int = 576, ones: tuple = ()):
+    """The specialisation a launch gets, as ``(signature, constexprs, attrs)`` for ``ASTSource``:
+    16-byte aligned pointers and, where ``d`` is a multiple of 16, ``D`` (``tt.divisibility`` 16);
+    integer arguments equal to 1 (named in ``ones``; N = 1, k = 1, D = 1) become constants, as Triton
+    specialises them (``do_not_specialize`` arguments excepted)."""
+    sig, cx = dict(signature), dict(constexprs)
+    for name in ones:
+        if name in fn.do_not_specialize or name not in sig:
+            continue
+        sig[name], cx[name] = "constexpr", 1
+    args = list(fn.arg_names)
+    attrs = {(args.index(n),): [["tt.divisibility", 16]] for n, ty in sig.items()
+             if ty.startswith("*") or (n == "D" and ty == "i32" and d % 16 == 0)}
+    return sig, cx, attrs
