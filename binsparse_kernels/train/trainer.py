@@ -34,10 +34,10 @@ import torch.distributed as dist
 from schedulefree import ScheduleFreeWrapper
 from tqdm.auto import tqdm
 
+from .. import data as data_mod
+from .. import models
 from .._io import atomic_write
 from ..coder import SparseCoder, SparseCoderConfig
-from . import data as data_mod
-from . import lm as lm_mod
 
 VARIANTS = {"binary": "topk_binary", "topk": "topk", "hybrid": "topk_hybrid"}
 
@@ -165,14 +165,14 @@ class Trainer:
         else:
             self.device = torch.device("cpu")
         if model is None:
-            model, tokenizer, self.model_label = lm_mod.load_model(cfg.model, device=str(self.device),
+            model, tokenizer, self.model_label = models.load_model(cfg.model, device=str(self.device),
                                                                    revision=cfg.revision, hf_token=hf_token)
         else:
             self.model_label = cfg.model or type(model).__name__
         self.model, self.tokenizer = model.eval(), tokenizer
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.hookpoints = lm_mod.expand_hookpoints(model, cfg.hookpoints)
+        self.hookpoints = models.expand_hookpoints(model, cfg.hookpoints)
         if cfg.layer_stride > 1:
             strided = [h for h in self.hookpoints
                        if (m := re.fullmatch(r"layers\.(\d+)(\.mlp)?", h)) and int(m.group(1)) % cfg.layer_stride == 0]
@@ -229,12 +229,12 @@ class Trainer:
 
     def _width(self) -> int:
         probe = self.chunks[:1, : min(8, self.chunks.shape[1])].to(self.device)
-        with lm_mod.capture(self.model, self.hookpoints[-1:]) as store:
-            lm_mod.run_to_hooks(self.model, probe)
+        with models.capture(self.model, self.hookpoints[-1:], stop_after_last=True) as store:
+            models.run_to_hooks(self.model, probe)
         inp, out = store[self.hookpoints[-1]]
-        if inp.shape[1] != out.shape[1]:
-            raise ValueError(f"hookpoint {self.hookpoints[-1]} maps width {inp.shape[1]} to {out.shape[1]}")
-        return inp.shape[1]
+        if inp.shape[-1] != out.shape[-1]:
+            raise ValueError(f"hookpoint {self.hookpoints[-1]} maps width {inp.shape[-1]} to {out.shape[-1]}")
+        return inp.shape[-1]
 
     # -- checkpoints --------------------------------------------------------------------------------
 
@@ -294,13 +294,14 @@ class Trainer:
         self._stop = True
 
     def _activations(self, batch):
-        with lm_mod.capture(self.model, self.hookpoints) as store:
-            lm_mod.run_to_hooks(self.model, batch)
+        with models.capture(self.model, self.hookpoints, stop_after_last=True) as store:
+            models.run_to_hooks(self.model, batch)
         keep = None
         if self.cfg.exclude_tokens:
             keep = ~torch.isin(batch.reshape(-1), torch.tensor(self.cfg.exclude_tokens, device=batch.device))
         acts = {}
         for hook, (inp, out) in store.items():
+            inp, out = inp.reshape(-1, inp.shape[-1]), out.reshape(-1, out.shape[-1])
             x, y = (inp, out) if self.cfg.transcode else (out, out)
             if keep is not None:
                 x, y = x[keep], y[keep]
