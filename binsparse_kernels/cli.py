@@ -1,4 +1,4 @@
-"""The ``binsparse`` command: ``binsparse {train,eval,report,bench} ...``.
+"""The ``binsparse`` command: ``binsparse {train,eval,report,bench,push,cache} ...``.
 
 Each subcommand lives in its own module and exposes ``add_arguments(parser)`` and ``run(args)``;
 this file only routes, importing the subcommand's module when it is used.
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "eval": ("binsparse_kernels.evaluation.cli", "evaluate checkpoints: FVU, CE/KL with the coder spliced in, firing rates"),
     "report": ("binsparse_kernels.evaluation.report", "build the comparison report (markdown + plots) for runs"),
     "bench": ("binsparse_kernels.bench.cli", "benchmark the ops and training steps across backends"),
+    "push": ("binsparse_kernels.hub", "upload a run's coders (or one coder) to the Hugging Face Hub with a model card"),
 }
 
 

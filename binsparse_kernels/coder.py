@@ -333,6 +333,31 @@ class SparseCoder(nn.Module):
             raise FileNotFoundError(f"no sparse coder checkpoints (cfg.json) under {root}")
         return {str(p.relative_to(root)): cls.load_from_disk(p, device, **kwargs) for p in found}
 
+    # -- the Hugging Face Hub (binsparse_kernels.hub) ----------------------------------------------
+
+    @classmethod
+    def load_from_hub(cls, repo_id: str, hookpoint: Optional[str] = None, *, revision: Optional[str] = None,
+                      device="cpu", decoder: bool = True) -> "SparseCoder":
+        """The coder at ``<hookpoint>/`` of a hub repo (sparsify's layout; stock sparsify TopK checkpoints too)."""
+        from .hub import load_from_hub
+
+        return load_from_hub(repo_id, hookpoint, revision=revision, device=device, decoder=decoder)
+
+    @classmethod
+    def load_many_from_hub(cls, repo_id: str, *, revision: Optional[str] = None, device="cpu",
+                           pattern: Optional[str] = None) -> dict[str, "SparseCoder"]:
+        """Every coder of a hub repo whose folder matches the fnmatch ``pattern``, keyed by folder."""
+        from .hub import load_many_from_hub
+
+        return load_many_from_hub(repo_id, revision=revision, device=device, pattern=pattern)
+
+    def push_to_hub(self, repo_id: str, hookpoint: str, *, private: bool = False, dry_run: bool = False,
+                    token=None) -> list[str]:
+        """Upload this coder as ``<hookpoint>/`` of ``repo_id`` with a model card; returns the repo paths."""
+        from .hub import push_coder
+
+        return push_coder(self, repo_id, hookpoint, private=private, dry_run=dry_run, token=token)
+
 
 def _natural_key(path: Path):
     import re

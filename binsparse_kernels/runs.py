@@ -38,6 +38,15 @@ def read_run_config(run_dir) -> Optional[dict]:
     return cfg if isinstance(cfg, dict) else None
 
 
+def read_run_summary(run_dir) -> Optional[dict]:
+    """``{"config", "step", "tokens_seen"}`` of a saved run, or None when it has no readable state."""
+    path = Path(run_dir) / STATE_FILE
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {key: state.get(key) for key in ("config", "step", "tokens_seen")}
+
+
 def read_lr_sweep(run_dir) -> Optional[dict]:
     """The LR sweep summary of a run (``<run_dir>/lr_sweep.json``), or None for a run without a sweep."""
     path = Path(run_dir) / LR_SWEEP_FILE
