@@ -32,12 +32,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from schedulefree import ScheduleFreeWrapper
-from tqdm.auto import tqdm
 
 from .. import data as data_mod
 from .. import models
 from .._io import atomic_write
 from ..coder import SparseCoder, SparseCoderConfig
+from ..progress import progress_bar
 
 VARIANTS = {"binary": "topk_binary", "topk": "topk", "hybrid": "topk_hybrid"}
 
@@ -340,7 +340,7 @@ class Trainer:
         metrics = open(self.run_dir / "metrics.jsonl", "a") if self.rank == 0 else None
         self._wandb = self._open_wandb()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0)
+        bar = progress_bar(self.total_steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0)
         t0, tokens0, logged = time.perf_counter(), self.tokens_seen, 0
         try:
             while self.step < self.total_steps and not self._stop_requested():
