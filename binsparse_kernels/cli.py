@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "report": ("binsparse_kernels.evaluation.report", "build the comparison report (markdown + plots) for runs"),
     "bench": ("binsparse_kernels.bench.cli", "benchmark the ops and training steps across backends"),
     "push": ("binsparse_kernels.hub", "upload a run's coders (or one coder) to the Hugging Face Hub with a model card"),
+    "cache": ("binsparse_kernels.activation_cache", "write the hooked activations of a model once, for many trainings"),
 }
 
 

@@ -28,6 +28,8 @@ import torch
 
 HELD_OUT_EVERY = 20
 BUILTIN = "builtin"
+# The end-of-run report evaluates the first 16 held-out chunks; an LR sweep chooses on the ones after them.
+REPORT_SEQUENCES = 16
 
 
 def builtin_corpus() -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from .data import REPORT_SEQUENCES
 from .evaluation.report import build_default_report
 from .train import cli as train_cli
 
@@ -22,8 +23,8 @@ def run(args) -> int:
         return 0
     try:  # the checkpoints are already saved: a failing report must not lose them
         out = build_default_report(trainer.run_dir, model=trainer.model, tokenizer=trainer.tokenizer,
-                                   model_label=trainer.model_label, ctx_len=trainer.cfg.ctx_len,
-                                   n_tokens=16 * trainer.cfg.ctx_len, device=str(trainer.device))
+                                   model_label=trainer.model_label, ctx_len=trainer.ctx_len,
+                                   n_tokens=REPORT_SEQUENCES * trainer.ctx_len, device=str(trainer.device))
         print(f"report:      {out / 'report.md'}")
     except Exception as exc:  # noqa: BLE001
         print(f"report failed ({type(exc).__name__}: {exc}); run `binsparse report {trainer.run_dir}` to retry")
