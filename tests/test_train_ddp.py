@@ -21,14 +21,15 @@ WORKER = textwrap.dedent('''
 
     out_dir, world_tag = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)  # the same tiny LM and data on every rank
-    # initializer_range 0.3: MLP outputs of order 1, like a trained model's, so the default LR law fits
+    # initializer_range 0.3: MLP outputs of order 1, like a trained model's, so the LR law's value at the
+    # reference batch (M = 64: binary 0.068, TopK 0.08) fits; 128-token steps would scale it to 1/23
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
                                       initializer_range=0.3))
     chunks = torch.randint(0, 97, (64, 16))
     cfg = TrainConfig(model="tiny", hookpoints=["layers.1.mlp"], variants=["binary", "topk"], k=4,
                       expansion_factor=2, batch_size=4, ctx_len=16, max_tokens=4 * 16 * 2 * 12, device="cpu",
-                      save_dir=out_dir, run_name=world_tag, save_every=5, log_every=1)
+                      save_dir=out_dir, run_name=world_tag, save_every=5, log_every=1, lr=0.05)
     trainer = Trainer(cfg, lm, None, chunks=chunks, log=lambda *_: None)
     torch.manual_seed(1 + trainer.rank)  # rank-dependent randomness must not leak into the weights
     trainer.train()
