@@ -1,6 +1,6 @@
 """Sparse coders on the Hugging Face Hub, in sparsify's layout: ``<hookpoint>/cfg.json`` + ``sae.safetensors``.
 
-    SparseCoder.load_from_hub("user/repo", "layers.9.mlp")       # one coder
+    SparseCoder.load_from_hub("user/repo", "layers.9.mlp")       # one coder (coder.py, through this module)
     SparseCoder.load_many_from_hub("user/repo", pattern="layers.*")
     binsparse push runs/default user/repo [--private] [--dry-run]  # a run, a variant or a coder folder
 
@@ -23,12 +23,9 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from . import runs
-
-if TYPE_CHECKING:
-    from .coder import SparseCoder
 
 CODER_FILES = ("cfg.json", "sae.safetensors")
 
@@ -68,21 +65,20 @@ def _discover(repo_id: str, revision: Optional[str], token=None) -> tuple[Path, 
     return root, _coder_folders(root)
 
 
-def _load(root: Path, folder: str, repo_id: str, revision, device, decoder: bool, token) -> "SparseCoder":
-    from .coder import SparseCoder
-
+def _fetch(folder: str, repo_id: str, revision, token) -> Path:
     patterns = [f"{folder}/{name}" if folder else name for name in CODER_FILES]
     root = _snapshot(repo_id, revision, patterns, token)
     path = root / folder if folder else root
     if not (path / "sae.safetensors").is_file():
         raise FileNotFoundError(f"{repo_id}: {folder or 'the repo root'} has cfg.json but no sae.safetensors")
-    return SparseCoder.load_from_disk(path, device=device, decoder=decoder)
+    return path
 
 
-def load_from_hub(repo_id: str, hookpoint: Optional[str] = None, *, revision: Optional[str] = None, device="cpu",
-                  decoder: bool = True, token=None) -> "SparseCoder":
-    """One coder of ``repo_id``: the one at ``hookpoint`` (a folder of the repo, e.g. ``layers.9.mlp`` or
-    ``binary/layers.9.mlp``); without ``hookpoint``, the coder at the repo root or the repo's only coder."""
+def download_coder(repo_id: str, hookpoint: Optional[str] = None, *, revision: Optional[str] = None,
+                   token=None) -> Path:
+    """The local folder (cfg.json + sae.safetensors) of one coder of ``repo_id``: the one at ``hookpoint`` (a
+    folder of the repo, e.g. ``layers.9.mlp`` or ``binary/layers.9.mlp``); without ``hookpoint``, the coder at
+    the repo root or the repo's only coder. ``SparseCoder.load_from_hub`` loads it."""
     root, found = _discover(repo_id, revision, token)
     if hookpoint is None:
         if len(found) != 1:
@@ -92,18 +88,19 @@ def load_from_hub(repo_id: str, hookpoint: Optional[str] = None, *, revision: Op
     hookpoint = hookpoint.strip("/")
     if hookpoint not in found:
         raise ValueError(f"no coder at {hookpoint!r}: {_describe(repo_id, root, found)}")
-    return _load(root, hookpoint, repo_id, revision, device, decoder, token)
+    return _fetch(hookpoint, repo_id, revision, token)
 
 
-def load_many_from_hub(repo_id: str, *, revision: Optional[str] = None, device="cpu", pattern: Optional[str] = None,
-                       decoder: bool = True, token=None) -> dict[str, "SparseCoder"]:
-    """Every coder of ``repo_id`` (those whose folder matches the fnmatch ``pattern``), keyed by folder."""
+def download_coders(repo_id: str, *, revision: Optional[str] = None, pattern: Optional[str] = None,
+                    token=None) -> dict[str, Path]:
+    """{repo folder: local folder} of every coder of ``repo_id`` whose folder matches the fnmatch ``pattern``,
+    in natural order. ``SparseCoder.load_many_from_hub`` loads them."""
     root, found = _discover(repo_id, revision, token)
     chosen = [f for f in found if pattern is None or fnmatch.fnmatchcase(f, pattern)]
     if not chosen:
         raise ValueError(f"no coder matches {pattern!r}: {_describe(repo_id, root, found)}" if found
                          else _describe(repo_id, root, found))
-    return {f: _load(root, f, repo_id, revision, device, decoder, token) for f in chosen}
+    return {f: _fetch(f, repo_id, revision, token) for f in chosen}
 
 
 # -- upload ------------------------------------------------------------------------------------------
@@ -230,15 +227,6 @@ def push_to_hub(folder, repo_id: str, *, private: bool = False, dry_run: bool = 
     return paths
 
 
-def push_coder(coder: "SparseCoder", repo_id: str, hookpoint: str, **kwargs) -> list[str]:
-    """Upload one in-memory coder as ``<hookpoint>/`` of ``repo_id`` (see ``push_to_hub``)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        coder.save_to_disk(Path(tmp) / hookpoint)
-        return push_to_hub(Path(tmp) / hookpoint, repo_id, **kwargs)
-
-
 # -- ``binsparse push`` ------------------------------------------------------------------------------
 
 
@@ -259,4 +247,4 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["load_from_hub", "load_many_from_hub", "push_to_hub", "push_coder", "upload_plan", "model_card"]
+__all__ = ["download_coder", "download_coders", "push_to_hub", "upload_plan", "model_card"]

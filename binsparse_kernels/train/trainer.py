@@ -1,10 +1,15 @@
-"""Train several sparse coders side by side on the activations of one LM forward per batch.
+"""Train several sparse coders side by side on the activations of one LM forward (or cache read) per batch.
 
-Run layout (sparsify's per-hookpoint layout, one folder per coder variant):
+The coders of a run: every variant x every k x every learning rate of an LR sweep (``sweep.py``).
+The activations come from the language model (``models.py``) or from an activation cache
+(``activation_cache.py``), in the same order either way. Run layout (sparsify's per-hookpoint
+layout, one folder per coder; ``runs.py`` names the files):
 
     <save_dir>/<run_name>/metrics.jsonl                  one JSON line per logged step
     <save_dir>/<run_name>/trainer_state.pt               everything a resume needs, in one file
     <save_dir>/<run_name>/<variant>/<hookpoint>/cfg.json + sae.safetensors
+    <save_dir>/<run_name>/lr_sweep/<variant>@<lr>/<hookpoint>/...   with an LR sweep: every coder (the
+                                                         chosen ones are copied to <variant>/), and lr_sweep.json
 
 Every file is written to a temporary name, fsynced and renamed over the old one, so a crash in the
 middle of a save leaves the previous checkpoint loadable. ``trainer_state.pt`` holds the coders'
@@ -70,7 +75,7 @@ class TrainConfig:
     auxk_alpha: float = 0.0
     dead_feature_threshold: int = 10_000_000
     exclude_tokens: list[int] = field(default_factory=list)
-    max_tokens: int = 600_000  # ~10 min on 2 CPU cores for three coders plus the report; raise it on a GPU
+    max_tokens: int = 500_000  # per coder; the default run (3 variants x 4 LRs) takes about 10 min on 2 CPU cores
     save_dir: str = "runs"
     run_name: str = "default"
     save_every: int = 500
