@@ -44,8 +44,9 @@ class LineProgress:
     def _write(self, now: float) -> None:
         elapsed = now - self.start
         rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
+        speed = f"{1 / rate:,.1f} s/{self.unit}" if 0 < rate < 1 else f"{rate:,.1f} {self.unit}/s"
         line = f"{self.desc}: {self.n:,}/{self.total:,} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%), " \
-               f"{_duration(elapsed)} elapsed, {rate:,.1f} {self.unit}/s"
+               f"{_duration(elapsed)} elapsed, {speed}"
         if rate > 0 and self.n < self.total:
             line += f", about {_duration((self.total - self.n) / rate)} left"
         if self.postfix:

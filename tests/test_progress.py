@@ -41,6 +41,14 @@ def test_resumed_progress_counts_its_own_rate_and_close_writes_the_end():
     assert out.getvalue() == "cache: 7/10 tok (70%), 0:03 elapsed, 1.0 tok/s, about 0:03 left\n"
 
 
+def test_slow_progress_says_seconds_per_step():
+    out, clock = io.StringIO(), Clock()
+    bar = LineProgress(10, desc="train", unit="step", every=30, stream=out, clock=clock)
+    clock.t = 80.0
+    bar.update(1)
+    assert out.getvalue() == "train: 1/10 step (10%), 1:20 elapsed, 80.0 s/step, about 12:00 left\n"
+
+
 def test_progress_bar_picks_lines_without_a_terminal(monkeypatch):
     monkeypatch.setenv("BINSPARSE_PROGRESS_SECONDS", "7")
     bar = progress_bar(5, desc="x", unit="step", stream=io.StringIO())
