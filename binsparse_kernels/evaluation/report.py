@@ -249,8 +249,11 @@ def plot_lr_sensitivity(sweep: dict, path: Path) -> Path:
                             linestyle=LINESTYLES[n % len(LINESTYLES)], linewidth=1.5)
             ax.plot([chosen["lr"]], [scale * chosen[key]], marker="o", markersize=13, fillstyle="none",
                     color=line.get_color())
+    from matplotlib.ticker import NullFormatter
+
     for ax, label in ((axes[0], "held-out FVU"), (axes[1], "dead latents (% never fired on held-out tokens)")):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # the minor labels of a short log axis overlap
         ax.set_xlabel("learning rate")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
