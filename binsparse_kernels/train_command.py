@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     trainer = train_cli.run(args)
-    if trainer.rank != 0 or args.no_report:
+    if trainer.rank != 0 or args.no_report or not trainer.finished:  # a stopped run gets its report when resumed
         return 0
     try:  # the checkpoints are already saved: a failing report must not lose them
         out = build_default_report(trainer.run_dir, model=trainer.model, tokenizer=trainer.tokenizer,

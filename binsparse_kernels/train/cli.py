@@ -146,8 +146,12 @@ def run(args) -> Trainer:
     trainer = Trainer(config_from_args(args), hf_token=args.hf_token)
     run_dir = trainer.train()
     if trainer.rank == 0:
-        print(f"checkpoints: {run_dir}/<variant>/<hookpoint>/ (cfg.json + sae.safetensors)")
-        if trainer.sweeping:
-            print(f"LR sweep:    {run_dir}/lr_sweep.json (every coder: {run_dir}/lr_sweep/)")
+        if trainer.finished:
+            print(f"checkpoints: {run_dir}/<variant>/<hookpoint>/ (cfg.json + sae.safetensors)")
+            if trainer.sweeping:
+                print(f"LR sweep:    {run_dir}/lr_sweep.json (every coder: {run_dir}/lr_sweep/)")
+        else:
+            print(f"stopped at step {trainer.step} of {trainer.total_steps}, saved in {run_dir}: the same command "
+                  f"with --resume continues")
         print(f"metrics:     {run_dir / 'metrics.jsonl'}")
     return trainer

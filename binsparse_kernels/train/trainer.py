@@ -457,9 +457,13 @@ class Trainer:
                 self._wandb.finish()
             for s, handler in old.items():
                 signal.signal(s, handler)
-        if self.sweeping and self.step >= self.total_steps:
+        if self.sweeping and self.finished:
             self.select_learning_rates()
         return self.run_dir
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
 
     # -- LR sweep ------------------------------------------------------------------------------------
 
