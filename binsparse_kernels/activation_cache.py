@@ -151,9 +151,13 @@ def build_cache(cfg: CacheConfig, out, *, model=None, tokenizer=None, model_labe
         }
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / MANIFEST, manifest)
-    elif manifest["hookpoints"] != hookpoints or manifest["ctx_len"] != ctx_len:
-        raise ValueError(f"{out}: the model or data now give hookpoints {hookpoints} and ctx_len {ctx_len}, the cache "
-                         f"has {manifest['hookpoints']} and {manifest['ctx_len']}; use another --out")
+    elif (manifest["hookpoints"], manifest["ctx_len"], manifest["train"]["dataset_sequences"],
+          manifest["held_out"]["dataset_sequences"]) != (hookpoints, ctx_len, train.shape[0], held.shape[0]):
+        raise ValueError(f"{out}: the model or data changed since this cache was begun (hookpoints {hookpoints}, "
+                         f"ctx_len {ctx_len}, {train.shape[0]} training and {held.shape[0]} held-out chunks now; the "
+                         f"cache has {manifest['hookpoints']}, {manifest['ctx_len']}, "
+                         f"{manifest['train']['dataset_sequences']} and {manifest['held_out']['dataset_sequences']}); "
+                         f"use another --out")
 
     dtype = DTYPES[cfg.dtype]
     remaining = sum(wanted[s] - manifest["sequences_written"][s] for s in SPLITS) * ctx_len
