@@ -22,6 +22,7 @@ dtype and shape when it reads it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -128,6 +129,8 @@ def build_cache(cfg: CacheConfig, out, *, model=None, tokenizer=None, model_labe
     wanted = {"train": min(train.shape[0], max(1, cfg.max_tokens // ctx_len)),
               "held_out": min(held.shape[0], cfg.held_out_tokens // ctx_len)}
     sources = {"train": train, "held_out": held}
+    # the token ids the cache is made of: an unfinished cache is continued only on the very same data
+    digest = hashlib.sha256(b"".join(t[:wanted[s]].numpy().tobytes() for s, t in sources.items())).hexdigest()[:16]
     model_device = next(model.parameters()).device
     if manifest is None:
         probe = train[:1, :8].to(model_device)
@@ -137,7 +140,7 @@ def build_cache(cfg: CacheConfig, out, *, model=None, tokenizer=None, model_labe
             "format": FORMAT, "version": VERSION, "complete": False, "config": identity,
             "model": cfg.model, "model_label": model_label or cfg.model, "revision": cfg.revision,
             "model_commit": getattr(getattr(model, "config", None), "_commit_hash", None),
-            "hookpoints": hookpoints, "ctx_len": ctx_len, "dtype": cfg.dtype,
+            "hookpoints": hookpoints, "ctx_len": ctx_len, "dtype": cfg.dtype, "token_digest": digest,
             "widths": {h: {"input": store[h][0].shape[-1], "output": store[h][1].shape[-1]} for h in hookpoints},
             "train": {"order": f"the trainer's training chunks in its seeded order (shuffle_seed {cfg.shuffle_seed})",
                       "dataset_sequences": train.shape[0], "sequences": wanted["train"]},
@@ -151,13 +154,10 @@ def build_cache(cfg: CacheConfig, out, *, model=None, tokenizer=None, model_labe
         }
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / MANIFEST, manifest)
-    elif (manifest["hookpoints"], manifest["ctx_len"], manifest["train"]["dataset_sequences"],
-          manifest["held_out"]["dataset_sequences"]) != (hookpoints, ctx_len, train.shape[0], held.shape[0]):
-        raise ValueError(f"{out}: the model or data changed since this cache was begun (hookpoints {hookpoints}, "
-                         f"ctx_len {ctx_len}, {train.shape[0]} training and {held.shape[0]} held-out chunks now; the "
-                         f"cache has {manifest['hookpoints']}, {manifest['ctx_len']}, "
-                         f"{manifest['train']['dataset_sequences']} and {manifest['held_out']['dataset_sequences']}); "
-                         f"use another --out")
+    elif (manifest["hookpoints"], manifest["ctx_len"], manifest["token_digest"]) != (hookpoints, ctx_len, digest):
+        raise ValueError(f"{out}: the model or data changed since this cache was begun (now hookpoints {hookpoints}, "
+                         f"ctx_len {ctx_len}, token digest {digest}; the cache has {manifest['hookpoints']}, "
+                         f"{manifest['ctx_len']}, {manifest['token_digest']}); use another --out")
 
     dtype = DTYPES[cfg.dtype]
     remaining = sum(wanted[s] - manifest["sequences_written"][s] for s in SPLITS) * ctx_len

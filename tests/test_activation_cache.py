@@ -238,3 +238,25 @@ def test_command_line_cache_then_k_list_and_lr_sweep(setup, tmp_path, capsys):
     # the flags must agree with the cache
     with pytest.raises(ValueError, match="dataset: the cache has"):
         binsparse_main(args[:3] + [setup["model_dir"], str(tmp_path / "other.txt")] + args[3:])
+
+
+def test_an_unfinished_cache_is_not_continued_on_changed_data(setup, tmp_path, monkeypatch):
+    import binsparse_kernels.activation_cache as ac
+
+    text = tmp_path / "text.txt"
+    text.write_text(synthetic_text(800, seed=3))
+    real, calls = ac.save_file, []
+
+    def crash_on_second(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(ac, "save_file", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(cache_cfg(setup, dataset=str(text)), tmp_path / "c", log=lambda *_: None)
+    monkeypatch.setattr(ac, "save_file", real)
+    text.write_text(synthetic_text(800, seed=4))  # the same path, other text of the same length
+    with pytest.raises(ValueError, match="changed since this cache was begun"):
+        build_cache(cache_cfg(setup, dataset=str(text)), tmp_path / "c", log=lambda *_: None)
