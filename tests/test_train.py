@@ -190,11 +190,12 @@ def test_command_line_run_without_report(tmp_path, capsys):
 
     args = ["train", "--layers", "1", "--variants", "binary", "hybrid", "--k", "4", "--expansion_factor", "1",
             "--batch_size", "2", "--ctx_len", "32", "--max_tokens", "128", "--save_dir", str(tmp_path),
-            "--run_name", "cli", "--no_report"]
+            "--run_name", "cli", "--no_report", "--selection_tokens", "256"]  # the default LR sweep, chosen on 8 chunks
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"metrics:     {tmp_path / 'cli' / 'metrics.jsonl'}" in out
     assert "optimizer signum (schedule-free sign-SGD, momentum 0.95)" in out
+    assert "LR sweep, chosen by lowest held-out FVU" in out and "held-out sequences 16..23 (256 tokens)" in out
     for variant, activation in (("binary", "topk_binary"), ("hybrid", "topk_hybrid")):
         coder = SparseCoder.load(tmp_path / "cli" / variant / "layers.1.mlp")
         assert coder.cfg.activation == activation and coder.cfg.skip_connection and coder.num_latents == 576
