@@ -20,7 +20,7 @@ from ..activation_cache import read_manifest
 from .trainer import TrainConfig, Trainer
 
 # The default run's sweep, in multiples of the batch-scaled LR law (see trainer.default_lr).
-DEFAULT_LR_SWEEP = [1.0, 3.0, 10.0, 30.0]
+DEFAULT_LR_SWEEP = [3.0, 10.0, 30.0, 100.0, 300.0]
 
 
 def _floats(text: str) -> list[float]:
