@@ -130,12 +130,12 @@ def real_scores(run: Path, n_tokens: int, device: str = "cpu") -> tuple[dict, di
     """{variant: scores [n_tokens, M] float32} of the trained coders in ``run`` on SmolLM2 layer 9's
     MLP input (held-out text), and facts about them."""
     from binsparse_kernels.coder import SparseCoder
-    from binsparse_kernels.evaluation._lm import load_eval_tokens
-    from binsparse_kernels.train.lm import capture, load_model, run_to_hooks
+    from binsparse_kernels.data import held_out_tokens
+    from binsparse_kernels.models import capture, load_model, run_to_hooks
 
     model, tok, label = load_model(None, device=device)
     ctx = 256
-    tokens = load_eval_tokens(tok, dataset=None, split="train", text_column="text", ctx_len=ctx, n_tokens=n_tokens)
+    tokens = held_out_tokens(tok, dataset=None, split="train", text_column="text", ctx_len=ctx, n_tokens=n_tokens)
     xs = []
     with capture(model, ["layers.9.mlp"]) as store:
         for i in range(0, tokens.shape[0], 8):

@@ -1,4 +1,4 @@
-"""The ``binsparse`` command: ``binsparse {train,eval,report,bench,doctor} ...``.
+"""The ``binsparse`` command: ``binsparse {train,eval,report,bench,doctor,push,cache} ...``.
 
 Each subcommand lives in its own module and exposes ``add_arguments(parser)`` and ``run(args)``;
 this file only routes, importing the subcommand's module when it is used.
@@ -11,11 +11,13 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "train": ("binsparse_kernels.train.cli", "train binary / TopK sparse coders (no arguments: the default run)"),
+    "train": ("binsparse_kernels.train_command", "train binary / TopK sparse coders (no arguments: the default run)"),
     "eval": ("binsparse_kernels.evaluation.cli", "evaluate checkpoints: FVU, CE/KL with the coder spliced in, firing rates"),
     "report": ("binsparse_kernels.evaluation.report", "build the comparison report (markdown + plots) for runs"),
     "bench": ("binsparse_kernels.bench.cli", "benchmark the ops and training steps across backends"),
     "doctor": ("binsparse_kernels.doctor", "versions, GPUs, backends, and a self-check of every backend (bug reports)"),
+    "push": ("binsparse_kernels.hub", "upload a run's coders (or one coder) to the Hugging Face Hub with a model card"),
+    "cache": ("binsparse_kernels.activation_cache", "write the hooked activations of a model once, for many trainings"),
 }
 
 

@@ -410,6 +410,36 @@ class SparseCoder(nn.Module):
             raise FileNotFoundError(f"no sparse coder checkpoints (cfg.json) under {root}")
         return {str(p.relative_to(root)): cls.load_from_disk(p, device, **kwargs) for p in found}
 
+    # -- the Hugging Face Hub (binsparse_kernels.hub finds and fetches the files) -------------------
+
+    @classmethod
+    def load_from_hub(cls, repo_id: str, hookpoint: Optional[str] = None, *, revision: Optional[str] = None,
+                      device="cpu", decoder: bool = True) -> "SparseCoder":
+        """The coder at ``<hookpoint>/`` of a hub repo (sparsify's layout; stock sparsify TopK checkpoints too)."""
+        from .hub import download_coder
+
+        return cls.load_from_disk(download_coder(repo_id, hookpoint, revision=revision), device, decoder=decoder)
+
+    @classmethod
+    def load_many_from_hub(cls, repo_id: str, *, revision: Optional[str] = None, device="cpu",
+                           pattern: Optional[str] = None, decoder: bool = True) -> dict[str, "SparseCoder"]:
+        """Every coder of a hub repo whose folder matches the fnmatch ``pattern``, keyed by folder."""
+        from .hub import download_coders
+
+        return {folder: cls.load_from_disk(path, device, decoder=decoder)
+                for folder, path in download_coders(repo_id, revision=revision, pattern=pattern).items()}
+
+    def push_to_hub(self, repo_id: str, hookpoint: str, *, private: bool = False, dry_run: bool = False,
+                    token=None) -> list[str]:
+        """Upload this coder as ``<hookpoint>/`` of ``repo_id`` with a model card; returns the repo paths."""
+        import tempfile
+
+        from .hub import push_to_hub
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_to_disk(Path(tmp) / hookpoint)
+            return push_to_hub(Path(tmp) / hookpoint, repo_id, private=private, dry_run=dry_run, token=token)
+
 
 def _natural_key(path: Path):
     import re

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from binsparse_kernels.coder import SparseCoder, SparseCoderConfig
-from binsparse_kernels.evaluation.splice import capture, evaluate, reconstruct, resolve_hookpoint, splice
+from binsparse_kernels.evaluation.splice import evaluate, reconstruct, splice
+from binsparse_kernels.models import capture, resolve_hookpoint
 
 WORDS = ("the cat dog sat ran on a mat log red blue big small and then it was very happy sad . , "
          "house tree bird sang flew over under green old new day night").split()

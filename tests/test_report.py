@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from binsparse_kernels.coder import SparseCoder, SparseCoderConfig
+from binsparse_kernels.data import chunk_tokens, load_chunks
 from binsparse_kernels.cli import main as binsparse_main
-from binsparse_kernels.evaluation import _lm
 from binsparse_kernels.evaluation.cli import TABLE_COLUMNS, data_defaults, discover_checkpoints
 from binsparse_kernels.evaluation.report import build_default_report, read_fvu_curves
-from binsparse_kernels.evaluation.splice import capture
+from binsparse_kernels.models import capture
 from test_eval_splice import synthetic_text, tiny_lm, word_tokenizer
 
 HOOKS = {"layers.0.mlp": True, "layers.1": False}  # hookpoint -> transcode
@@ -46,7 +46,7 @@ def tiny_run(tmp_path_factory):
     tokenizer = word_tokenizer()
     model = tiny_lm(vocab_size=64)
     text = synthetic_text(300, seed=1)
-    tokens = _lm.chunk_tokens(tokenizer, [text], CTX)
+    tokens = chunk_tokens(tokenizer, [text], CTX)
     train, held_out = tokens[:40], tokens[40:60]
     with torch.no_grad(), capture(model, HOOKS) as cap:
         model(input_ids=train)
@@ -321,7 +321,6 @@ def test_trainer_run_ends_with_the_report(tiny_run, tmp_path):
     """What ``binsparse train`` does at the end of a run (train/cli.py): the real Trainer on the tiny
     LM, then ``build_default_report`` with the same arguments; the held-out data comes from the run's
     trainer_state.pt."""
-    from binsparse_kernels.train import data as train_data
     from binsparse_kernels.train import trainer as trainer_mod
 
     text = tmp_path / "text.txt"
@@ -345,7 +344,7 @@ def test_trainer_run_ends_with_the_report(tiny_run, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["data"]["dataset"] == str(text) and results["ctx_len"] == CTX
     # Only the trainer's held-out chunks were scored.
-    _, held = train_data.load_chunks(tiny_run["tokenizer"], str(text), ctx_len=CTX)
+    _, held = load_chunks(tiny_run["tokenizer"], str(text), ctx_len=CTX)
     assert results["n_sequences"] == held.shape[0]
     for v in ("binary", "topk"):
         m = results["variants"][v]["hookpoints"]["layers.1.mlp"]

@@ -17,8 +17,8 @@ import torch
 
 from binsparse_kernels.coder import SparseCoder
 from binsparse_kernels.train import TrainConfig, Trainer
-from binsparse_kernels.train import data as data_mod
-from binsparse_kernels.train import lm as lm_mod
+from binsparse_kernels import data as data_mod
+from binsparse_kernels import models
 from test_eval_splice import synthetic_text, tiny_lm, word_tokenizer
 
 TESTS = Path(__file__).resolve().parent
@@ -27,7 +27,7 @@ TESTS = Path(__file__).resolve().parent
 @pytest.fixture(scope="module")
 def lm():
     try:
-        model, tok, _ = lm_mod.load_model(None)
+        model, tok, _ = models.load_model(None)
     except FileNotFoundError as exc:
         pytest.fail(f"the offline model must be installed for these tests: {exc}")
     return model, tok
@@ -39,9 +39,7 @@ def chunks(lm):
     import re
 
     texts = [json_module.__doc__, re.__doc__, torch.nn.Module.__doc__, data_mod.__doc__] * 3
-    from binsparse_kernels.evaluation._lm import chunk_tokens
-
-    return chunk_tokens(lm[1], texts, 64)
+    return data_mod.chunk_tokens(lm[1], texts, 64)
 
 
 def config(tmp_path, **kw):
@@ -53,7 +51,9 @@ def config(tmp_path, **kw):
 
 
 def test_training_learns_and_codes_are_binary(lm, chunks, tmp_path):
-    trainer = Trainer(config(tmp_path), *lm, chunks=chunks, log=lambda *_: None)
+    # 256-token steps: the batch-scaled LR law would give 1/16 of the law; at the law's own value
+    # (for M = 1152, binary 0.016, TopK 0.019) both coders learn within these 40 steps
+    trainer = Trainer(config(tmp_path, lr=0.015), *lm, chunks=chunks, log=lambda *_: None)
     run_dir = trainer.train()
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for variant in ("binary", "topk"):
@@ -199,11 +199,12 @@ def test_command_line_run_without_report(tmp_path, capsys):
 
     args = ["train", "--layers", "1", "--variants", "binary", "hybrid", "--k", "4", "--expansion_factor", "1",
             "--batch_size", "2", "--ctx_len", "32", "--max_tokens", "128", "--save_dir", str(tmp_path),
-            "--run_name", "cli", "--no_report"]
+            "--run_name", "cli", "--no_report", "--selection_tokens", "256"]  # the default LR sweep, chosen on 8 chunks
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"metrics:     {tmp_path / 'cli' / 'metrics.jsonl'}" in out
     assert "optimizer signum (schedule-free sign-SGD, momentum 0.95)" in out
+    assert "LR sweep, chosen by lowest held-out FVU" in out and "held-out sequences 16..23 (256 tokens)" in out
     for variant, activation in (("binary", "topk_binary"), ("hybrid", "topk_hybrid")):
         coder = SparseCoder.load(tmp_path / "cli" / variant / "layers.1.mlp")
         assert coder.cfg.activation == activation and coder.cfg.skip_connection and coder.num_latents == 576

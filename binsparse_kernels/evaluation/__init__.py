@@ -6,7 +6,7 @@
 
 from .interp import export_delphi_cache, load_delphi_cache, token_proxy
 from .metrics import FiringStats, ReconstructionStats, firing_summary
-from .splice import EvalResult, evaluate, reconstruct, resolve_hookpoint, splice
+from .splice import EvalResult, evaluate, reconstruct, splice
 
 __all__ = [
     "EvalResult",
@@ -17,7 +17,6 @@ __all__ = [
     "firing_summary",
     "load_delphi_cache",
     "reconstruct",
-    "resolve_hookpoint",
     "splice",
     "token_proxy",
 ]

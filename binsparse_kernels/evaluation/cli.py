@@ -25,13 +25,12 @@ from typing import Optional
 
 import torch
 
+from .. import models, runs
 from ..coder import SparseCoder
-from . import _lm
+from ..data import held_out_tokens, iter_batches
 from .interp import export_delphi_cache, token_proxy
 from .metrics import nan_to_none
-from .splice import EvalResult, evaluate, resolve_hookpoint
-
-
+from .splice import EvalResult, evaluate
 
 # -- checkpoints -----------------------------------------------------------------------------------
 
@@ -108,7 +107,7 @@ def run_evaluation(model, coder_sets: dict[str, dict[str, SparseCoder]], tokens:
             rate = done[0] / max(time.time() - start, 1e-9)
             log(f"  evaluated {done[0]:,}/{total:,} tokens ({rate:,.0f} tokens/s, all passes of a batch together)")
 
-    res = evaluate(model, coder_sets, _lm.iter_batches(tokens, opts.batch_size),
+    res = evaluate(model, coder_sets, iter_batches(tokens, opts.batch_size),
                    keep_codes=opts.interp or keep_codes, progress=progress)
     for v, coders in coder_sets.items():
         entry = res.results["variants"][v]
@@ -257,7 +256,7 @@ def data_defaults(args, checkpoints: dict[str, dict[str, Path]], log=print) -> N
         for folder in hooks.values():
             for run_dir in (folder.parent.parent, folder.parent):
                 if run_dir not in configs:
-                    configs[run_dir] = _lm.read_run_config(run_dir)
+                    configs[run_dir] = runs.read_run_config(run_dir)
     found = [(d, c) for d, c in configs.items() if c]
     cfg = found[0][1] if found else {}
     keys = ("dataset", "split", "text_column", "ctx_len")
@@ -283,7 +282,7 @@ def check_hookpoints(model, checkpoints: dict[str, dict[str, Path]]) -> None:
     for variant, hooks in checkpoints.items():
         for hookpoint, folder in hooks.items():
             try:
-                resolve_hookpoint(model, hookpoint)
+                models.resolve_hookpoint(model, hookpoint)
             except ValueError as exc:
                 raise ValueError(f"{folder} (variant {variant!r}): {exc}") from None
 
@@ -295,10 +294,10 @@ def prepare(args, log=print, checkpoints: Optional[dict] = None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     log(f"loading the model ({args.model or 'default: offline SmolLM2'}) on {device}")
-    model, tokenizer, label = _lm.load_model(args.model, device=device, dtype=dtype)
+    model, tokenizer, label = models.load_model(args.model, device=device, dtype=dtype)
     if checkpoints:
         check_hookpoints(model, checkpoints)
-    tokens = _lm.load_eval_tokens(tokenizer, dataset=args.dataset, split=args.split, text_column=args.text_column,
+    tokens = held_out_tokens(tokenizer, dataset=args.dataset, split=args.split, text_column=args.text_column,
                                   ctx_len=args.ctx_len, n_tokens=args.tokens, seed=args.seed,
                                   all_chunks=getattr(args, "all_chunks", False))
     log(f"evaluating on {tokens.shape[0]} sequences x {tokens.shape[1]} tokens")

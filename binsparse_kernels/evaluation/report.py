@@ -18,7 +18,9 @@ from typing import Optional
 
 import torch
 
-from . import _lm
+from .. import models, runs
+from ..runs import read_lr_sweep
+from ..data import held_out_tokens
 from .cli import (EvalOptions, add_data_arguments, data_defaults, dataset_info, discover_checkpoints, format_table,
                   load_coders, options_from_args, prepare, run_evaluation)
 from .interp import render_context, top_contexts
@@ -49,9 +51,10 @@ SUMMARY_ROWS = [  # (label, key, where): where = "hook" (mean over hookpoints), 
 
 
 def _variant_sort_key(name: str):
-    base = name.split("/")[-1]
+    base, _, k = name.split("/")[-1].partition("-k")  # "binary-k16": a k sweep's variant
     base = _ACTIVATION_VARIANT.get(base, base)  # folders named after the activation sort the same way
-    return (VARIANT_ORDER.index(base) if base in VARIANT_ORDER else len(VARIANT_ORDER), name)
+    return (VARIANT_ORDER.index(base) if base in VARIANT_ORDER else len(VARIANT_ORDER),
+            int(k) if k.isdigit() else 0, name)
 
 
 def _mean(values):
@@ -220,6 +223,137 @@ def plot_fvu_curves(curves: dict[str, dict[str, tuple[list, list]]], path: Path)
     return path
 
 
+# -- LR sweep and k sweep -----------------------------------------------------------------------------
+
+
+def read_lr_sweeps(runs) -> dict[str, dict]:
+    """{run folder: its lr_sweep.json} for the given runs (or variant / hookpoint folders inside them) that have one."""
+    found = {}
+    for raw in runs:
+        for folder in (Path(raw), *Path(raw).parents[:2]):
+            sweep = read_lr_sweep(folder)
+            if sweep is not None:
+                found[str(folder)] = sweep
+                break
+    return found
+
+
+def plot_lr_sensitivity(sweep: dict, path: Path) -> Path:
+    """Held-out FVU and dead fraction against the learning rate, one line per variant, the chosen LR circled."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    families = sorted({c["family"] for c in sweep["candidates"]}, key=_variant_sort_key)
+    for n, family in enumerate(families):
+        rows = sorted((c for c in sweep["candidates"] if c["family"] == family), key=lambda c: c["lr"])
+        chosen = sweep["chosen"][family]
+        for ax, key, scale in ((axes[0], "fvu", 1), (axes[1], "dead_fraction", 100)):
+            line, = ax.plot([c["lr"] for c in rows], [scale * c[key] for c in rows], marker="o", label=family,
+                            linestyle=LINESTYLES[n % len(LINESTYLES)], linewidth=1.5)
+            ax.plot([chosen["lr"]], [scale * chosen[key]], marker="o", markersize=13, fillstyle="none",
+                    color=line.get_color())
+    from matplotlib.ticker import NullFormatter
+
+    for ax, label in ((axes[0], "held-out FVU"), (axes[1], "dead latents (% never fired on held-out tokens)")):
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # the minor labels of a short log axis overlap
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    axes[0].set_title("reconstruction (lower is better); circled: chosen")
+    axes[1].set_title("dead latents at each learning rate")
+    fig.suptitle(f"LR sensitivity: every variant on the same batches, {sweep.get('tokens_per_coder', 0):,} tokens each")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def lr_sweep_section(sweep: dict, plot_name: str) -> str:
+    lines = ["## Learning rates: every variant at its best LR", "",
+             f"Every variant was trained at each learning rate below on the same batches "
+             f"({sweep.get('tokens_per_coder', 0):,} tokens, {sweep.get('batch_tokens', 0):,} per step, "
+             f"optimizer {sweep.get('optimizer')}); the LR law is {sweep.get('lr_rule', 'method.md')}. "
+             f"The comparison above uses, per variant, the LR with the **{sweep['criterion']}** on "
+             f"{sweep['selection']}. The dead fraction (latents that never fired on those tokens) is shown beside "
+             f"it but does not choose.", "",
+             "| variant | learning rate | x law | held-out FVU | dead | L0 | chosen |", "|---|---:|---:|---:|---:|---:|---|"]
+    for c in sorted(sweep["candidates"], key=lambda c: (_variant_sort_key(c["family"]), c["lr"])):
+        chosen = sweep["chosen"][c["family"]]["name"] == c["name"]
+        mult = "-" if c.get("multiplier") is None else f"{c['multiplier']:g}"
+        lines.append(f"| {c['family']} | {c['lr']:.3g} | {mult} | {c['fvu']:.4f} | {100 * c['dead_fraction']:.1f}% | "
+                     f"{c['l0']:.2f} | {'**yes**' if chosen else ''} |")
+    edges = [f for f, c in sweep["chosen"].items() if c.get("at_edge_of_grid")]
+    lines += ["", f"![LR sensitivity]({plot_name})", ""]
+    if edges:
+        lines += [f"The best LR of {', '.join(sorted(edges, key=_variant_sort_key))} is at the edge of the grid: a "
+                  "wider sweep may find a better one.", ""]
+    return "\n".join(lines)
+
+
+def k_sweep_rows(results: dict) -> dict[str, dict[int, dict]]:
+    """{kind: {k: metrics averaged over hookpoints}} when the variants span several k, else {}."""
+    table: dict[str, dict[int, dict]] = {}
+    for v, entry in results["variants"].items():
+        hooks = list(entry["hookpoints"].values())
+        kinds = {(_ACTIVATION_VARIANT.get(m.get("activation")), m.get("k")) for m in hooks}
+        if len(kinds) != 1:
+            continue
+        kind, k = kinds.pop()
+        table.setdefault(kind, {})[k] = {key: _mean([m.get(key) for m in hooks])
+                                         for key in ("fvu", "ce_increase", "kl_div", "l0", "dead_fraction",
+                                                     "count_over_10pct", "count_over_50pct")}
+    if len({k for per_k in table.values() for k in per_k}) < 2:
+        return {}
+    return table
+
+
+def plot_k_sweep(table: dict, path: Path) -> Path:
+    plt = _plt()
+    keys = (("fvu", "FVU"), ("ce_increase", "CE increase (nats)"), ("dead_fraction", "dead fraction"),
+            ("count_over_10pct", "latents on >10% of tokens"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.8))
+    for n, kind in enumerate(sorted(table, key=_variant_sort_key)):
+        ks = sorted(table[kind])
+        for ax, (key, label) in zip(axes, keys):
+            ax.plot(ks, [table[kind][k][key] for k in ks], marker="o", label=kind,
+                    linestyle=LINESTYLES[n % len(LINESTYLES)])
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ks, [str(k) for k in ks])
+            ax.set_xlabel("k")
+            ax.set_title(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Across k (held-out tokens; each coder at its best LR when the run swept LRs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def k_sweep_section(table: dict, plot_name: str) -> str:
+    kinds = sorted(table, key=_variant_sort_key)
+    ks = sorted({k for per_k in table.values() for k in per_k})
+    lines = ["## Across k", "", "Means over hookpoints; the ratio is to TopK at the same k.", "",
+             "| k | " + " | ".join(f"{kind} FVU" for kind in kinds) + " | "
+             + " | ".join(f"{kind} CE incr" for kind in kinds) + " | " + " | ".join(f"{kind} dead" for kind in kinds)
+             + " |", "|---:|" + "---:|" * (3 * len(kinds))]
+    for k in ks:
+        cells = []
+        for key in ("fvu", "ce_increase", "dead_fraction"):
+            for kind in kinds:
+                m = table[kind].get(k)
+                if m is None:
+                    cells.append("-")
+                    continue
+                text = _format(key, m[key])
+                ref = table.get("topk", {}).get(k)
+                if kind != "topk" and ref and key != "dead_fraction" and ref[key] > 0:
+                    text += f" ({m[key] / ref[key]:.2f}x)"
+                cells.append(text)
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines += ["", f"![metrics across k]({plot_name})", ""]
+    return "\n".join(lines)
+
+
 # -- contexts ----------------------------------------------------------------------------------------
 
 
@@ -364,13 +498,31 @@ def build_report(runs, out_dir, *, model, tokenizer, tokens: torch.Tensor, model
     (out / "results.json").write_text(json.dumps(nan_to_none(results), indent=2))
 
     plot_firing_histograms(results, out / "firing_rates.png")
+    sweeps = read_lr_sweeps(runs)
     curves = {}
     for v, hooks in checkpoints.items():
         variant_dir = next(iter(hooks.values())).parent
-        c = read_fvu_curves(variant_dir, v.split("/")[-1])
+        name = v.split("/")[-1]
+        sweep = sweeps.get(str(variant_dir.parent))
+        if sweep and name in sweep["chosen"]:  # the chosen coder's curve, logged under its sweep name
+            name = sweep["chosen"][name]["name"]
+        c = read_fvu_curves(variant_dir, name)
         if c:
             curves[v] = c
     fvu_plot = plot_fvu_curves(curves, out / "fvu_curves.png")
+    if sweeps:
+        results["lr_sweeps"] = sweeps
+        (out / "results.json").write_text(json.dumps(nan_to_none(results), indent=2))
+    sweep_parts = []
+    for n, (run_dir, sweep) in enumerate(sorted(sweeps.items())):
+        plot_name = "lr_sensitivity.png" if len(sweeps) == 1 else f"lr_sensitivity_{n}.png"
+        plot_lr_sensitivity(sweep, out / plot_name)
+        if len(sweeps) > 1:
+            sweep_parts.append(f"Run `{run_dir}`:\n")
+        sweep_parts.append(lr_sweep_section(sweep, plot_name))
+    k_table = k_sweep_rows(results)
+    if k_table:
+        plot_k_sweep(k_table, out / "k_sweep.png")
 
     header, rows = summary_table(results)
     md = [
@@ -388,7 +540,11 @@ def build_report(runs, out_dir, *, model, tokenizer, tokens: torch.Tensor, model
         "",
         _md_table(header, rows),
         "",
+        *(["Each variant is at the learning rate its LR sweep chose (see *Learning rates* below).", ""]
+          if sweeps else []),
         _observations(results),
+        *sweep_parts,
+        k_sweep_section(k_table, "k_sweep.png") if k_table else "",
         "## Per hookpoint",
         "",
         format_table(results, markdown=True),
@@ -428,11 +584,11 @@ def build_default_report(run_dir, out_dir=None, *, model=None, tokenizer=None, t
     chunks of ``dataset`` are evaluated; ``dataset``/``ctx_len`` left None come from the run's
     ``trainer_state.pt`` (the data it was trained on), else the built-in corpus and 256 tokens.
     """
-    cfg = _lm.read_run_config(run_dir) or {}
+    cfg = runs.read_run_config(run_dir) or {}
     given = tokens is not None
     if model is None:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer, label = _lm.load_model(cfg.get("model"), device=device)
+        model, tokenizer, label = models.load_model(cfg.get("model"), device=device)
         model_label = model_label or label
     if tokens is None:
         if tokenizer is None:
@@ -440,7 +596,7 @@ def build_default_report(run_dir, out_dir=None, *, model=None, tokenizer=None, t
         if dataset is None:
             dataset = cfg.get("dataset")
         ctx_len = ctx_len or int(cfg.get("ctx_len") or 256)
-        tokens = _lm.load_eval_tokens(tokenizer, dataset=dataset, split=cfg.get("split") or "train",
+        tokens = held_out_tokens(tokenizer, dataset=dataset, split=cfg.get("split") or "train",
                                       text_column=cfg.get("text_column") or "text", ctx_len=ctx_len,
                                       n_tokens=n_tokens)
     data = {"dataset": dataset or "built-in corpus", "ctx_len": int(tokens.shape[1]), "tokens": int(tokens.numel()),

@@ -17,7 +17,6 @@ splice sees, since the modules upstream of the splice are unchanged).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Union
 
@@ -25,26 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from ..coder import SparseCoder
+from ..models import Replacement, capture, replace_outputs, resolve_hookpoint
 from .metrics import (FiringStats, ReconstructionStats, TokenLossStats, next_token_stats, part_summary,
                       splice_scores)
-
-# A replacement: (module input, module output) -> the tensor that replaces the output.
-Replacement = Callable[[Tensor, Tensor], Tensor]
-
-
-def resolve_hookpoint(model: nn.Module, hookpoint: str) -> nn.Module:
-    """The module a hookpoint names, relative to the model's ``base_model`` (sparsify's convention)
-    first and to the model itself second: ``layers.9.mlp`` -> ``model.model.layers[9].mlp``."""
-    roots = [getattr(model, "base_model", None), model]
-    for root in roots:
-        if root is None:
-            continue
-        try:
-            return root.get_submodule(hookpoint)
-        except AttributeError:
-            continue
-    raise ValueError(f"hookpoint {hookpoint!r} names no module of {type(model).__name__} "
-                     f"(try e.g. 'layers.0.mlp' or 'layers.0')")
 
 
 @torch.no_grad()
@@ -76,66 +58,11 @@ def zero_replacement(inp: Tensor, out: Tensor) -> Tensor:
     return torch.zeros_like(out)
 
 
-def _first_input(args, kwargs) -> Tensor:
-    if args:
-        return args[0]
-    if kwargs:
-        return next(iter(kwargs.values()))
-    raise RuntimeError("the hooked module was called without inputs")
-
-
-def _main_output(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
-@contextlib.contextmanager
 def splice(model: nn.Module, replacements: Mapping[str, Union[SparseCoder, Replacement]]):
-    """Within the block, each hookpoint's module output is replaced (coders or replacement callables)."""
-    handles = []
-
-    def make_hook(fn: Replacement, hookpoint: str):
-        def hook(module, args, kwargs, output):
-            out = _main_output(output)
-            new = fn(_first_input(args, kwargs), out)
-            if new.shape != out.shape:
-                raise ValueError(f"replacement at {hookpoint} has shape {tuple(new.shape)}, "
-                                 f"the module output {tuple(out.shape)}")
-            new = new.to(out.dtype)
-            return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
-
-        return hook
-
-    try:
-        for hookpoint, rep in replacements.items():
-            fn = coder_replacement(rep) if isinstance(rep, SparseCoder) else rep
-            module = resolve_hookpoint(model, hookpoint)
-            handles.append(module.register_forward_hook(make_hook(fn, hookpoint), with_kwargs=True))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def capture(model: nn.Module, hookpoints: Iterable[str]):
-    """Within the block, ``captured[hookpoint] = (module input, module output)`` of the last forward."""
-    captured: dict[str, tuple[Tensor, Tensor]] = {}
-    handles = []
-
-    def make_hook(hookpoint):
-        def hook(module, args, kwargs, output):
-            captured[hookpoint] = (_first_input(args, kwargs), _main_output(output))
-
-        return hook
-
-    try:
-        for hookpoint in hookpoints:
-            handles.append(resolve_hookpoint(model, hookpoint).register_forward_hook(make_hook(hookpoint),
-                                                                                       with_kwargs=True))
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
+    """Within the block (a context manager), each hookpoint's module output is replaced by its coder's
+    output or by ``fn(input, output)``."""
+    return replace_outputs(model, {h: coder_replacement(r) if isinstance(r, SparseCoder) else r
+                                   for h, r in replacements.items()})
 
 
 def _logits(model: nn.Module, batch: Tensor) -> Tensor:

@@ -1,10 +1,15 @@
-"""Train several sparse coders side by side on the activations of one LM forward per batch.
+"""Train several sparse coders side by side on the activations of one LM forward (or cache read) per batch.
 
-Run layout (sparsify's per-hookpoint layout, one folder per coder variant):
+The coders of a run: every variant x every k x every learning rate of an LR sweep (``sweep.py``).
+The activations come from the language model (``models.py``) or from an activation cache
+(``activation_cache.py``), in the same order either way. Run layout (sparsify's per-hookpoint
+layout, one folder per coder; ``runs.py`` names the files):
 
     <save_dir>/<run_name>/metrics.jsonl                  one JSON line per logged step
     <save_dir>/<run_name>/trainer_state.pt               everything a resume needs, in one file
     <save_dir>/<run_name>/<variant>/<hookpoint>/cfg.json + sae.safetensors
+    <save_dir>/<run_name>/lr_sweep/<variant>@<lr>/<hookpoint>/...   with an LR sweep: every coder (the
+                                                         chosen ones are copied to <variant>/), and lr_sweep.json
 
 Every file is written to a temporary name, fsynced and renamed over the old one, so a crash in the
 middle of a save leaves the previous checkpoint loadable. ``trainer_state.pt`` holds the coders'
@@ -27,18 +32,20 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 from schedulefree import ScheduleFreeWrapper
-from tqdm.auto import tqdm
 
+from .. import data as data_mod
+from .. import models, runs
 from .._checks import deferred_checks, raise_deferred
 from .._io import atomic_write, stale_temporaries
+from ..activation_cache import ActivationCache
 from ..coder import SparseCoder, SparseCoderConfig
-from . import data as data_mod
-from . import lm as lm_mod
+from ..progress import progress_bar
+from . import sweep
 
 VARIANTS = {"binary": "topk_binary", "topk": "topk", "hybrid": "topk_hybrid"}
 
@@ -53,19 +60,23 @@ class TrainConfig:
     variants: list[str] = field(default_factory=lambda: ["binary", "topk", "hybrid"])
     transcode: bool = True
     skip_connection: bool = True
-    k: int = 32
+    k: Union[int, list[int]] = 32  # several: one coder per k, on the same batches
     expansion_factor: int = 8
     num_latents: int = 0
     batch_size: int = 8  # sequences per step
     ctx_len: int = 256
     grad_acc_steps: int = 1
     optimizer: str = "signum"  # or "adam"
-    lr: Optional[float] = None  # None: the LR law of method.md for each coder
+    lr: Optional[float] = None  # None: the LR law for each coder (``default_lr``)
+    lr_sweep: list[float] = field(default_factory=list)  # multipliers of the LR law (or of lr): every coder at each
+    lr_sweep_values: list[float] = field(default_factory=list)  # or these learning rates; see sweep.py
+    selection_tokens: int = 16_384  # held-out tokens (at most) that choose the LR of an LR sweep
+    activations: Optional[str] = None  # train from this activation cache (``binsparse cache``) instead of the LM
     lr_warmup_steps: int = 1000  # Adam only
     auxk_alpha: float = 0.0
     dead_feature_threshold: int = 10_000_000
     exclude_tokens: list[int] = field(default_factory=list)
-    max_tokens: int = 600_000  # ~10 min on 2 CPU cores for three coders plus the report; raise it on a GPU
+    max_tokens: int = 450_000  # per coder; the default run (3 variants x 5 LRs) takes about 10 min on 2 CPU cores
     save_dir: str = "runs"
     run_name: str = "default"
     save_every: int = 500
@@ -91,19 +102,45 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'signum' or 'adam', got {self.optimizer!r}")
         if self.skip_connection and not self.transcode:
             raise ValueError("skip_connection needs transcode (a skip maps the input to the output)")
-        for name in ("batch_size", "ctx_len", "grad_acc_steps", "max_tokens", "k", "layer_stride", "save_every",
-                     "log_every", "wandb_log_frequency"):
+        for name in ("batch_size", "ctx_len", "grad_acc_steps", "max_tokens", "layer_stride", "save_every",
+                     "log_every", "wandb_log_frequency", "selection_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.k_values or min(self.k_values) < 1 or len(set(self.k_values)) != len(self.k_values):
+            raise ValueError(f"k must be one or more distinct values >= 1, got {self.k}")
+        if self.lr_sweep and self.lr_sweep_values:
+            raise ValueError("give lr_sweep (multipliers) or lr_sweep_values (learning rates), not both")
+        if any(v <= 0 for v in self.lr_sweep + self.lr_sweep_values) or (self.lr is not None and self.lr <= 0):
+            raise ValueError("learning rates and their multipliers must be > 0")
+
+    @property
+    def k_values(self) -> list[int]:
+        return [self.k] if isinstance(self.k, int) else list(self.k)
 
 
-def default_lr(optimizer: str, activation: str, num_latents: int) -> float:
-    """method.md's LR laws."""
+REFERENCE_BATCH_TOKENS = 2**16  # the reference trainer's batch: 32 sequences x 2048 tokens
+LR_RULE = "method.md's law x sqrt(tokens per step / 65,536)"
+
+
+def default_lr(optimizer: str, activation: str, num_latents: int, batch_tokens: int = REFERENCE_BATCH_TOKENS) -> float:
+    """method.md's LR laws, made for the reference trainer's 65,536-token batches, scaled to ``batch_tokens``
+    (tokens per optimizer step) by the square-root rule: ``law * sqrt(batch_tokens / 65,536)``.
+
+    Why the square root (docs/TRAINING.md has the long form): sign-SGD moves every weight by lr per
+    step whatever the gradient's size, and for a gradient coordinate whose mean is small against its
+    noise, the chance that the batch gradient has the right sign grows with sqrt(batch). Over a fixed
+    number of tokens, a batch B/c gives c times the steps, each with 1/sqrt(c) of the drift and the
+    same lr^2 of noise: lr * sqrt(B) keeps both the drift and the noise per token what they were.
+    (The same rule Malladi et al. 2022 derive for Adam-type optimizers.) It is what carries the law's
+    per-token behaviour to another batch size; short runs still want larger LRs, see ``--lr_sweep``.
+    """
     if optimizer == "adam":
-        return 2e-4 / math.sqrt(num_latents / 2**14)
-    if activation == "topk":
-        return 5e-3 / math.sqrt(num_latents / 2**14)
-    return 3e-3 / math.sqrt(num_latents / 2**15)
+        law = 2e-4 / math.sqrt(num_latents / 2**14)
+    elif activation == "topk":
+        law = 5e-3 / math.sqrt(num_latents / 2**14)
+    else:
+        law = 3e-3 / math.sqrt(num_latents / 2**15)
+    return law * math.sqrt(batch_tokens / REFERENCE_BATCH_TOKENS)
 
 
 class SignSGD(torch.optim.Optimizer):
@@ -120,10 +157,9 @@ class SignSGD(torch.optim.Optimizer):
                     p.add_(p.grad.sign(), alpha=-group["lr"])
 
 
-def make_optimizer(cfg: TrainConfig, coder: SparseCoder, total_steps: int):
+def make_optimizer(cfg: TrainConfig, coder: SparseCoder, total_steps: int, lr: float):
     """(optimizer, LR scheduler or None, lr). A schedule-free optimizer comes back in eval mode:
     the caller switches it to train mode once any saved state is loaded."""
-    lr = cfg.lr or default_lr(cfg.optimizer, coder.cfg.activation, coder.num_latents)
     if cfg.optimizer == "signum":
         return ScheduleFreeWrapper(SignSGD(coder.parameters(), lr), momentum=0.95), None, lr
     # fused: the step counters stay tensors on the parameters' device (no host read per step)
@@ -156,7 +192,9 @@ def _init_distributed() -> tuple[int, int]:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model=None, tokenizer=None, *, chunks: Optional[torch.Tensor] = None,
-                 log=print, hf_token: Optional[str] = None):
+                 held_out: Optional[torch.Tensor] = None, log=print, hf_token: Optional[str] = None):
+        """``model``/``tokenizer``/``chunks``/``held_out``: already loaded ones (else loaded as ``cfg`` says).
+        ``held_out`` chunks are needed only to choose an LR sweep's learning rates."""
         self.cfg = cfg
         self.rank, self.world = _init_distributed()
         self.log = log if self.rank == 0 else (lambda *_: None)
@@ -166,37 +204,64 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if self.world > 1 else 0)
         else:
             self.device = torch.device("cpu")
-        if model is None:
-            model, tokenizer, self.model_label = lm_mod.load_model(cfg.model, device=str(self.device),
-                                                                   revision=cfg.revision, hf_token=hf_token)
+        self.cache = ActivationCache(cfg.activations) if cfg.activations else None
+        if self.cache is not None:  # no LM at all: the cache holds its activations
+            if model is not None or chunks is not None:
+                raise ValueError("train from an activation cache or from a model and chunks, not both")
+            self.cache.check_source(model=cfg.model, revision=cfg.revision, dataset=cfg.dataset, split=cfg.split,
+                                    text_column=cfg.text_column, max_examples=cfg.max_examples, ctx_len=cfg.ctx_len,
+                                    shuffle_seed=cfg.shuffle_seed)
+            self.model = self.tokenizer = None
+            self.model_label = self.cache.model_label
+            self.hookpoints = self.cache.select_hookpoints(cfg.hookpoints)
         else:
-            self.model_label = cfg.model or type(model).__name__
-        self.model, self.tokenizer = model.eval(), tokenizer
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.hookpoints = lm_mod.expand_hookpoints(model, cfg.hookpoints)
+            if model is None:
+                model, tokenizer, self.model_label = models.load_model(cfg.model, device=str(self.device),
+                                                                       revision=cfg.revision, hf_token=hf_token)
+            else:
+                self.model_label = cfg.model or type(model).__name__
+            self.model, self.tokenizer = model.eval(), tokenizer
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            self.hookpoints = models.expand_hookpoints(model, cfg.hookpoints)
         if cfg.layer_stride > 1:
             strided = [h for h in self.hookpoints
                        if (m := re.fullmatch(r"layers\.(\d+)(\.mlp)?", h)) and int(m.group(1)) % cfg.layer_stride == 0]
             if not strided:
                 raise ValueError(f"layer_stride={cfg.layer_stride} keeps none of the hookpoints {self.hookpoints}")
             self.hookpoints = strided
-        if chunks is None:
-            chunks, _ = data_mod.load_chunks(tokenizer, cfg.dataset, ctx_len=cfg.ctx_len, seed=cfg.shuffle_seed,
-                                             split=cfg.split, text_column=cfg.text_column,
-                                             max_examples=cfg.max_examples)
-        if chunks.shape[0] < cfg.batch_size * self.world:
-            raise ValueError(f"the dataset has {chunks.shape[0]} chunks of {chunks.shape[1]} tokens, fewer than one "
+        if self.cache is not None:
+            self.chunks, self.held_out = None, None
+            n_sequences, ctx_len = self.cache.sequences("train"), self.cache.ctx_len
+        else:
+            if chunks is None:
+                chunks, held_out = data_mod.load_chunks(tokenizer, cfg.dataset, ctx_len=cfg.ctx_len,
+                                                        seed=cfg.shuffle_seed, split=cfg.split,
+                                                        text_column=cfg.text_column, max_examples=cfg.max_examples)
+            self.chunks, self.held_out = chunks, held_out
+            n_sequences, ctx_len = chunks.shape
+        if n_sequences < cfg.batch_size * self.world:
+            raise ValueError(f"the dataset has {n_sequences} chunks of {ctx_len} tokens, fewer than one "
                              f"step needs ({cfg.batch_size} sequences x {self.world} ranks)")
-        self.chunks = chunks
-        self.tokens_per_step = cfg.batch_size * chunks.shape[1] * cfg.grad_acc_steps * self.world
+        self.n_sequences, self.ctx_len = n_sequences, ctx_len
+        self.tokens_per_step = cfg.batch_size * ctx_len * cfg.grad_acc_steps * self.world
         self.total_steps = max(1, cfg.max_tokens // self.tokens_per_step)
         self.run_dir = Path(cfg.save_dir) / cfg.run_name
         d_model = self._width()
         self.coders: dict[str, dict[str, SparseCoder]] = {}
         self.optimizers, self.lrs = {}, {}
-        for variant in cfg.variants:
-            ccfg = SparseCoderConfig(activation=VARIANTS[variant], k=cfg.k, expansion_factor=cfg.expansion_factor,
+
+        def law(variant, k):
+            ccfg = SparseCoderConfig(activation=VARIANTS[variant], k=k, expansion_factor=cfg.expansion_factor,
+                                     num_latents=cfg.num_latents)
+            return default_lr(cfg.optimizer, ccfg.activation, ccfg.latents(d_model), self.tokens_per_step)
+
+        self.specs = sweep.coder_specs(cfg.variants, cfg.k_values, law, lr=cfg.lr, multipliers=cfg.lr_sweep,
+                                       values=cfg.lr_sweep_values)
+        for spec in self.specs:
+            variant = spec.name
+            ccfg = SparseCoderConfig(activation=VARIANTS[spec.variant], k=spec.k,
+                                     expansion_factor=cfg.expansion_factor,
                                      num_latents=cfg.num_latents, transcode=cfg.transcode,
                                      skip_connection=cfg.skip_connection,
                                      normalize_decoder=not cfg.transcode)
@@ -209,7 +274,7 @@ class Trainer:
                     coder = SparseCoder(d_model, ccfg, device=self.device, backend=cfg.backend)
                 key = f"{variant}/{hook}"
                 self.coders[variant][hook] = coder
-                self.optimizers[key] = make_optimizer(cfg, coder, self.total_steps)
+                self.optimizers[key] = make_optimizer(cfg, coder, self.total_steps, spec.lr)
                 self.lrs[key] = self.optimizers[key][2]
         self.step, self.tokens_seen = 0, 0
         M = next(iter(next(iter(self.coders.values())).values())).num_latents
@@ -230,19 +295,24 @@ class Trainer:
                 yield f"{variant}/{hook}", coder
 
     def _width(self) -> int:
+        if self.cache is not None:
+            inp, out = (self.cache.width(self.hookpoints[-1], side) for side in ("input", "output"))
+            if inp != out:
+                raise ValueError(f"hookpoint {self.hookpoints[-1]} maps width {inp} to {out}")
+            return inp
         probe = self.chunks[:1, : min(8, self.chunks.shape[1])].to(self.device)
-        with lm_mod.capture(self.model, self.hookpoints[-1:]) as store:
-            lm_mod.run_to_hooks(self.model, probe)
+        with models.capture(self.model, self.hookpoints[-1:], stop_after_last=True) as store:
+            models.run_to_hooks(self.model, probe)
         inp, out = store[self.hookpoints[-1]]
-        if inp.shape[1] != out.shape[1]:
-            raise ValueError(f"hookpoint {self.hookpoints[-1]} maps width {inp.shape[1]} to {out.shape[1]}")
-        return inp.shape[1]
+        if inp.shape[-1] != out.shape[-1]:
+            raise ValueError(f"hookpoint {self.hookpoints[-1]} maps width {inp.shape[-1]} to {out.shape[-1]}")
+        return inp.shape[-1]
 
     # -- checkpoints --------------------------------------------------------------------------------
 
     @property
     def state_path(self) -> Path:
-        return self.run_dir / "trainer_state.pt"
+        return self.run_dir / runs.STATE_FILE
 
     def save(self) -> None:
         """Write every coder's checkpoint and the resume state (rank 0 only; every rank must call it)."""
@@ -270,7 +340,7 @@ class Trainer:
 
     @property
     def metrics_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+        return self.run_dir / runs.METRICS_FILE
 
     def _drop_metrics_after(self, step: int) -> None:
         """Keep the metric lines of steps <= ``step`` (the state this run starts from), atomically.
@@ -328,27 +398,43 @@ class Trainer:
         self._stop = True
 
     def _activations(self, batch):
-        with lm_mod.capture(self.model, self.hookpoints) as store:
-            lm_mod.run_to_hooks(self.model, batch)
+        """{hookpoint: (coder input, target)} float32 [tokens, width] for token ids ``batch`` [B, T], from the LM."""
+        with models.capture(self.model, self.hookpoints, stop_after_last=True) as store:
+            models.run_to_hooks(self.model, batch)
+        return self._coder_inputs(store, batch)
+
+    def _coder_inputs(self, store, token_ids):
+        """Hooked (input, output) pairs -> (coder input, target) pairs: flattened, float32, excluded tokens dropped."""
         keep = None
         if self.cfg.exclude_tokens:
-            keep = ~torch.isin(batch.reshape(-1), torch.tensor(self.cfg.exclude_tokens, device=batch.device))
+            keep = ~torch.isin(token_ids.reshape(-1), torch.tensor(self.cfg.exclude_tokens, device=token_ids.device))
         acts = {}
-        for hook, (inp, out) in store.items():
+        for hook in self.hookpoints:
+            inp, out = store[hook]
+            inp, out = inp.reshape(-1, inp.shape[-1]), out.reshape(-1, out.shape[-1])
             x, y = (inp, out) if self.cfg.transcode else (out, out)
             if keep is not None:
-                x, y = x[keep], y[keep]
-            acts[hook] = (x.float(), y.float())
+                x, y = x[keep.to(x.device)], y[keep.to(y.device)]
+            acts[hook] = (x.to(self.device, torch.float32), y.to(self.device, torch.float32))
         return acts
 
-    def _batch(self, micro: int) -> torch.Tensor:
+    def _sequence_indices(self, micro: int) -> torch.Tensor:
         """This rank's sequences for the current step and micro-step: a fixed order, so the data
         position of a resumed run follows from its step."""
         cfg = self.cfg
         per_step = cfg.batch_size * self.world
         start = ((self.step * cfg.grad_acc_steps + micro) * per_step + self.rank * cfg.batch_size)
-        idx = torch.arange(start, start + cfg.batch_size) % self.chunks.shape[0]  # epochs wrap around
-        return self.chunks[idx]
+        return torch.arange(start, start + cfg.batch_size) % self.n_sequences  # epochs wrap around
+
+    def _batch(self, micro: int) -> torch.Tensor:
+        return self.chunks[self._sequence_indices(micro)]
+
+    def _step_activations(self, micro: int) -> dict:
+        """The activations of this step's (micro-)batch: from the activation cache, or from one LM forward."""
+        if self.cache is not None:
+            store, token_ids = self.cache.read("train", self._sequence_indices(micro), self.hookpoints)
+            return self._coder_inputs(store, token_ids)
+        return self._activations(self._batch(micro).to(self.device))
 
     def _open_wandb(self):
         if not (self.cfg.log_to_wandb and self.rank == 0):
@@ -377,7 +463,7 @@ class Trainer:
         old = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         self._wandb = self._open_wandb()
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0)
+        bar = progress_bar(self.total_steps, initial=self.step, desc="train", unit="step", disable=self.rank != 0)
         t0, tokens0, logged = time.perf_counter(), self.tokens_seen, 0
         try:
             # The ops' input checks record bad input on the device; it is raised at the logging
@@ -414,7 +500,79 @@ class Trainer:
                 self._wandb.finish()
             for s, handler in old.items():
                 signal.signal(s, handler)
+        if self.sweeping and self.finished:
+            self.select_learning_rates()
         return self.run_dir
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    # -- LR sweep ------------------------------------------------------------------------------------
+
+    @property
+    def sweeping(self) -> bool:
+        return bool(self.cfg.lr_sweep or self.cfg.lr_sweep_values)
+
+    def _selection_sequences(self) -> tuple[range, str]:
+        """Which held-out sequences choose the LRs, and a sentence saying so."""
+        n = self.cache.sequences("held_out") if self.cache is not None else (
+            0 if self.held_out is None else self.held_out.shape[0])
+        if n == 0:
+            raise ValueError("an LR sweep chooses on held-out tokens, and this run has none (pass held_out chunks, "
+                             "or a cache made with --held_out_tokens > 0)")
+        first = data_mod.REPORT_SEQUENCES if n > data_mod.REPORT_SEQUENCES else 0
+        count = min(n - first, max(1, self.cfg.selection_tokens // self.ctx_len))
+        note = (f"held-out sequences {first}..{first + count - 1} ({count * self.ctx_len:,} tokens): after the "
+                f"{first} the end-of-run report evaluates" if first else
+                f"held-out sequences 0..{count - 1} ({count * self.ctx_len:,} tokens): all there are, so the end-of-run "
+                f"report evaluates some of the tokens the LRs were chosen on")
+        return range(first, first + count), note
+
+    @torch.no_grad()
+    def select_learning_rates(self) -> Optional[dict]:
+        """Score every saved coder on held-out tokens, choose each variant's LR (sweep.py), copy the chosen
+        checkpoints to ``<run>/<variant>/`` and write ``lr_sweep.json``. Rank 0 does it; the others wait."""
+        if self.rank != 0:
+            dist.barrier()
+            return None
+        indices, note = self._selection_sequences()
+        saved = {key: SparseCoder.load_from_disk(self.run_dir / key, device=self.device, backend=self.cfg.backend)
+                 for key, _ in self._all_coders}  # exactly the checkpoints (schedule-free: the averaged weights)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        scores = {key: sweep.HeldOutScore(coder.num_latents) for key, coder in saved.items()}
+        for start in range(indices.start, indices.stop, self.cfg.batch_size):
+            idx = torch.arange(start, min(start + self.cfg.batch_size, indices.stop))
+            if self.cache is not None:
+                acts = self._coder_inputs(*self.cache.read("held_out", idx, self.hookpoints))
+            else:
+                acts = self._activations(self.held_out[idx].to(self.device))
+            for key, coder in saved.items():
+                x, y = acts[key.rsplit("/", 1)[1]]
+                with autocast:
+                    out = coder(x, y if self.cfg.transcode else None)
+                scores[key].update(y, out.sae_out, out.latent_acts, out.latent_indices)
+        results = {spec.name: {hook: scores[f"{spec.name}/{hook}"].result() for hook in self.hookpoints}
+                   for spec in self.specs}
+        chosen = sweep.choose(self.specs, results)
+        table = sweep.summary(self.specs, results, chosen, selection=note, optimizer=self.cfg.optimizer,
+                              batch_tokens=self.tokens_per_step, tokens_per_coder=self.tokens_seen, lr_rule=LR_RULE,
+                              model=self.model_label)
+        for family, spec in chosen.items():
+            for hook in self.hookpoints:
+                saved[f"{spec.name}/{hook}"].save_to_disk(self.run_dir / family / hook)
+        atomic_write(self.run_dir / runs.LR_SWEEP_FILE, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=1)))
+        self.log(f"LR sweep, chosen by {sweep.CRITERION} on {note}:")
+        for entry in table["candidates"]:
+            mark = "  <- chosen" if table["chosen"][entry["family"]]["name"] == entry["name"] else ""
+            self.log(f"  {entry['family']:>12} lr {entry['lr']:.3g} ({entry['label']}): held-out FVU "
+                     f"{entry['fvu']:.4f}, dead {100 * entry['dead_fraction']:.1f}%{mark}")
+        for family, entry in table["chosen"].items():
+            if entry["at_edge_of_grid"]:
+                self.log(f"  note: {family}'s best LR is at the edge of the grid; a wider sweep may do better")
+        if self.world > 1:
+            dist.barrier()
+        return table
 
     def _stop_requested(self) -> bool:
         """A signal on any rank stops every rank after the same step."""
@@ -430,7 +588,7 @@ class Trainer:
         fired = {key: torch.zeros_like(c, dtype=torch.bool) for key, c in self.since_fired.items()}
         n_tokens = 0
         for micro in range(cfg.grad_acc_steps):
-            acts = self._activations(self._batch(micro).to(self.device))
+            acts = self._step_activations(micro)
             micro_tokens = next(iter(acts.values()))[0].shape[0]
             n_tokens += micro_tokens
             for variant, hooks in self.coders.items():
