@@ -21,6 +21,12 @@ def stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return sorted(p for p in path.parent.glob(glob.escape(path.name) + "*" + _TMP_SUFFIX) if p.is_file())
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """``write(tmp)`` fills a temporary file next to ``path``; it is fsynced and renamed over ``path``.
 
@@ -30,6 +36,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=_TMP_SUFFIX)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private (0600); give the mode open() would
     try:
         write(tmp)
         with open(tmp, "rb") as f:
