@@ -32,6 +32,15 @@ ACTIVATIONS = ("topk", "topk_binary", "topk_hybrid")
 _ALIASES = {"hybrid": "topk_hybrid"}
 
 
+def refuse_dense_binary(activation: str, where: str = "activation") -> None:
+    """"binary" is not an alias of "topk_binary": on the paper's sparsify branch it is a dense binary
+    coder (every latent above its threshold fires, no top-k), a different function. Loading such a
+    checkpoint as a top-k coder would silently cap it at k firings per token."""
+    if activation == "binary":
+        raise ValueError(f"{where} 'binary' (the paper branch's dense binary coder, no top-k) is not "
+                         "supported; the binary TopK coder is 'topk_binary'")
+
+
 @dataclass
 class SparseCoderConfig:
     """Architecture of one sparse coder (sparsify's field names, plus the binary/hybrid options)."""
@@ -56,11 +65,7 @@ class SparseCoderConfig:
 
     def __post_init__(self):
         self.activation = _ALIASES.get(self.activation, self.activation)
-        if self.activation == "binary":
-            # Not an alias: on the paper's sparsify branch "binary" is a dense binary coder (every latent
-            # above its threshold fires, no top-k), a different function from "topk_binary".
-            raise ValueError("activation 'binary' (the paper branch's dense binary coder, no top-k) is not "
-                             "supported; the binary TopK coder is 'topk_binary'")
+        refuse_dense_binary(self.activation)
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.ste not in ("sigmoid", "rectangle", "identity"):

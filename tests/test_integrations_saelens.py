@@ -182,3 +182,9 @@ def test_converter_options_and_refusals(tmp_path):
         SAE.load_from_disk(tmp_path / "h", converter=bsl.binsparse_disk_loader)
     with pytest.raises(ValueError, match="apply_b_dec_to_input"):
         bsl.BinsparseSAEConfig(d_in=D, d_sae=M, k=K, d_out=8, apply_b_dec_to_input=True)
+    # the paper branch's activation "binary" is a dense coder (no top-k), not a TopK binary one
+    BkCoder(D, BkConfig(num_latents=M, k=K, activation="topk_binary")).save_to_disk(tmp_path / "dense")
+    cfg_path = tmp_path / "dense" / "cfg.json"
+    cfg_path.write_text(cfg_path.read_text().replace('"topk_binary"', '"binary"'))
+    with pytest.raises(ValueError, match="dense binary coder.*topk_binary"):
+        SAE.load_from_disk(tmp_path / "dense", converter=bsl.binsparse_disk_loader)

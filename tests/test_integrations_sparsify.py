@@ -337,6 +337,9 @@ def test_hybrid_and_wide_transcoders_are_refused(tmp_path):
         bsp.BinarySparseCoder.load_from_disk(tmp_path / "h")
     with pytest.raises(TypeError):
         sparsify.SparseCoder.load_from_disk(tmp_path / "h")
+    # the paper branch's activation "binary" is a dense coder (no top-k), not a TopK binary one
+    with pytest.raises(ValueError, match="dense binary coder.*topk_binary"):
+        bsp.BinarySparseCoderConfig(num_latents=80, k=6, activation="binary")
     wide = BkCoder(20, BkConfig(num_latents=80, k=6, activation="topk", transcode=True), d_out=12)
     with pytest.raises(ValueError, match="d_out"):
         bsp.to_sparsify(wide)

@@ -43,6 +43,7 @@ from sae_lens.saes.sae import SAE, SAEConfig, TrainStepInput
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.util import dtype_to_str
 
+from ..coder import refuse_dense_binary
 from ..ops import EncoderOutput, sparse_decode, topk_binary_encode, topk_encode
 
 __all__ = [
@@ -347,7 +348,8 @@ def binsparse_disk_loader(path: str | Path, device: str = "cpu", cfg_overrides: 
     path = Path(path)
     raw = json.loads((path / "cfg.json").read_text())
     activation = raw.get("activation", "topk")
-    activation = {"binary": "topk_binary", "hybrid": "topk_hybrid"}.get(activation, activation)
+    refuse_dense_binary(activation, where=f"{path}: activation")
+    activation = {"hybrid": "topk_hybrid"}.get(activation, activation)
     if activation == "topk_hybrid":
         raise ValueError(f"{path} holds a hybrid coder, which this converter does not support; "
                          "use binsparse_kernels.coder.SparseCoder.load_from_disk")

@@ -142,8 +142,7 @@ class BinarySparseCoderConfig(SparseCoderConfig):
     """theta at initialisation: log_threshold starts at log(init_threshold)."""
 
     def __post_init__(self):
-        if self.activation == "binary":  # the paper branch's spelling
-            self.activation = "topk_binary"
+        _bk_coder.refuse_dense_binary(self.activation)
         if self.activation not in ("groupmax", "topk", "topk_binary"):
             raise ValueError(f"activation must be 'topk_binary', 'topk' or 'groupmax', got {self.activation!r}")
         if self.ste not in ("sigmoid", "rectangle", "identity"):
@@ -179,7 +178,7 @@ class BinarySparseCoder(SparsifySparseCoder):
 
     @property
     def binary(self) -> bool:
-        return self.cfg.activation in ("topk_binary", "binary")
+        return self.cfg.activation == "topk_binary"
 
     def _backend(self) -> Optional[str]:
         return self.backend if self.backend is not None else _state.backend
@@ -404,7 +403,7 @@ def to_sparsify(coder: "_bk_coder.SparseCoder", *, backend: Optional[str] = None
 def from_sparsify(sae: SparsifySparseCoder, *, backend: Optional[str] = None) -> "_bk_coder.SparseCoder":
     """A sparsify coder (stock ``SparseCoder`` with "topk", or ``BinarySparseCoder``) as our SparseCoder."""
     cfg = sae.cfg
-    activation = "topk_binary" if cfg.activation in ("topk_binary", "binary") else cfg.activation
+    activation = cfg.activation
     if activation not in ("topk", "topk_binary"):
         raise ValueError(f"no binsparse equivalent of sparsify activation {cfg.activation!r}")
     extra = {f.name: getattr(cfg, f.name) for f in fields(cfg)
