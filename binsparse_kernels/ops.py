@@ -514,9 +514,11 @@ def sparse_decode(indices: Tensor, acts: Tensor, W_dec: Tensor, b_dec: Optional[
     if not isinstance(binary, bool):
         raise TypeError(f"binary must be a bool, got {type(binary).__name__}")
     _checks.indices_in_range(indices, W_dec.shape[0])
-    _checks.finite(W_dec=W_dec)
     if binary:
-        _checks.binary_codes(acts)
+        _checks.binary_codes(acts)  # (NaN is not 0 or 1: no separate finite check)
+        _checks.finite(W_dec=W_dec, b_dec=b_dec)
+    else:
+        _checks.finite(acts=acts, W_dec=W_dec, b_dec=b_dec)
     name = _backend_for(backend, device, acts.dtype)
     contiguous = [t.contiguous() if t is not None else None for t in (indices, acts, W_dec, b_dec)]
     return SparseDecode.apply(*contiguous, binary, name)
@@ -538,7 +540,7 @@ def topk_binary_encode_decode(x: Tensor, W_enc: Tensor, b_enc: Tensor, log_thres
     device = _checks.same_device(x=x, W_enc=W_enc, b_enc=b_enc, log_threshold=log_threshold, W_dec=W_dec, b_dec=b_dec)
     _check_ste(ste, temperature)
     x = _autocast(x)
-    _checks.finite(x=x, W_enc=W_enc, b_enc=b_enc, log_threshold=log_threshold, W_dec=W_dec)
+    _checks.finite(x=x, W_enc=W_enc, b_enc=b_enc, log_threshold=log_threshold, W_dec=W_dec, b_dec=b_dec)
     name = _backend_for(backend, device, x.dtype)
     x, W_enc, b_enc, log_threshold, W_dec = (t.contiguous() for t in (x, W_enc, b_enc, log_threshold, W_dec))
     b_dec = b_dec.contiguous() if b_dec is not None else None
@@ -555,7 +557,7 @@ def topk_encode_decode(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b
     _check_decoder(W_dec, b_dec, W_enc.shape[0])
     device = _checks.same_device(x=x, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec)
     x = _autocast(x)
-    _checks.finite(x=x, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec)
+    _checks.finite(x=x, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec)
     name = _backend_for(backend, device, x.dtype)
     x, W_enc, b_enc, W_dec = (t.contiguous() for t in (x, W_enc, b_enc, W_dec))
     b_dec = b_dec.contiguous() if b_dec is not None else None

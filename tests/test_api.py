@@ -97,6 +97,12 @@ BAD_INPUTS = {
     "b_dec shape": (decode_case(b_dec=torch.zeros(5)), ValueError, r"b_dec must have shape \(6,\)"),
     "W_dec 3-D": (decode_case(W_dec=torch.zeros(20, 6, 1)), ValueError, "W_dec must be 2-D"),
     "binary not 0/1": (decode_case(acts=torch.full((8, 3), 0.5), kw={"binary": True}), ValueError, "exactly 0 or 1"),
+    "binary acts NaN": (decode_case(acts=torch.full((8, 3), float("nan")), kw={"binary": True}), ValueError,
+                        "exactly 0 or 1"),
+    "acts NaN": (decode_case(acts=torch.full((8, 3), float("nan"))), ValueError, "acts contains NaN or infinite"),
+    "b_dec inf": (decode_case(b_dec=torch.full((6,), float("inf"))), ValueError, "b_dec contains NaN or infinite"),
+    "binary b_dec NaN": (decode_case(b_dec=torch.full((6,), float("nan")), kw={"binary": True}), ValueError,
+                         "b_dec contains NaN or infinite"),
     "binary not bool": (decode_case(kw={"binary": 1}), TypeError, "binary must be a bool"),
     "cuda backend on cpu": (decode_case(kw={"backend": "cuda"}), RuntimeError, "cuda"),
 }

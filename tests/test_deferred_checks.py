@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import binsparse_kernels as bk
 from binsparse_kernels import _checks
-from helpers import make_params
+from helpers import make_params, require_backend
 
 
 class _HostReads(TorchDispatchMode):
@@ -42,7 +42,7 @@ def binary_step(p):
     return bk.topk_binary_encode_decode(p["x"], p["W_enc"], p["b_enc"], p["log_threshold"], p["W_dec"], p["b_dec"], 4)
 
 
-@pytest.mark.parametrize("bad", ["x", "W_enc", "b_enc", "log_threshold", "W_dec"])
+@pytest.mark.parametrize("bad", ["x", "W_enc", "b_enc", "log_threshold", "W_dec", "b_dec"])
 def test_a_nan_input_raises_on_leaving_the_block_not_at_the_call(bad):
     p = params()
     p[bad] = p[bad].clone()
@@ -179,8 +179,7 @@ def test_cuda_extension_registers_its_deferred_switch():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_deferred_checks_do_not_sync_and_still_raise(backend):
-    if backend not in bk.available_backends():
-        pytest.skip(f"{backend} backend unavailable")
+    require_backend(backend)
     p = {n: t.cuda() for n, t in params().items()}
     good = bk.topk_encode(p["x"], p["W_enc"], p["b_enc"], 4, backend=backend)
     bad = good.indices.clone()
