@@ -238,6 +238,13 @@ def backend_params(backends=None, *, dtypes=(torch.float32,)):
     return out
 
 
+def require_backend(name):
+    """GPU tests: on a GPU machine every backend the package ships must be there. A missing one is a
+    failed build or import (its reason says which), never a skip."""
+    reason = bk.backends.unavailable_reason(name)
+    assert reason is None, f"the {name} backend is unavailable on this GPU machine: {reason}"
+
+
 def device_for(backend):
     if backend in ("cuda",) or (backend == "triton" and torch.cuda.is_available()):
         return "cuda"

@@ -18,13 +18,12 @@ from __future__ import annotations
 import hashlib
 import sys
 
+import gguf  # noqa: F401  (required for the default GGUF model: a broken install must fail, not skip)
 import pytest
 import torch
 
 from binsparse_kernels import data as data_mod
 from binsparse_kernels import models
-
-pytest.importorskip("gguf")
 
 
 def digest(tokens: torch.Tensor) -> str:

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import binsparse_kernels as bk
 from binsparse_kernels.coder import SparseCoder, SparseCoderConfig
+from helpers import require_backend
 
 _DATA_DEPENDENT = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique",
                    "aten._unique")
@@ -112,7 +113,7 @@ def test_the_counter_sees_what_it_should():
 
 
 def tiny_llama():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     torch.manual_seed(0)
@@ -174,8 +175,7 @@ def test_trainer_raises_bad_input_at_the_next_logging_step(tmp_path):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("activation", ["topk_binary", "topk", "topk_hybrid"])
 def test_gpu_coder_step_runs_under_sync_debug_mode_error(activation, backend):
-    if backend not in bk.available_backends():
-        pytest.skip(f"{backend} backend unavailable")
+    require_backend(backend)
     coder, opt = coder_and_optimizer(activation, "cuda")
     coder.backend = backend
     x, y = torch.randn(256, 64, device="cuda"), torch.randn(256, 64, device="cuda")
@@ -195,8 +195,7 @@ def test_gpu_coder_step_runs_under_sync_debug_mode_error(activation, backend):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("activation", ["topk_binary", "topk"])
 def test_gpu_one_coder_step_captures_in_a_cuda_graph(activation, backend):
-    if backend not in bk.available_backends():
-        pytest.skip(f"{backend} backend unavailable")
+    require_backend(backend)
     coder, _ = coder_and_optimizer(activation, "cuda")
     coder.backend = backend
     opt = torch.optim.Adam(coder.parameters(), lr=1e-3, capturable=True)

@@ -658,8 +658,9 @@ def test_gpu_launches_on_the_tensors_device():
 
 @pytest.mark.gpu
 def test_gpu_agrees_with_cuda_backend():
-    if bk.backends.unavailable_reason("cuda") is not None:
-        pytest.skip("CUDA backend not built")
+    from helpers import require_backend
+
+    require_backend("cuda")
     from binsparse_kernels.backends import cuda
 
     p = integer_params(2048, 16, 9000, dtype=torch.bfloat16)
