@@ -104,9 +104,11 @@ def test_fused_op_equals_the_separate_ops(backend, dtype, binary):
     names = [n for n in KEYS if binary or n != "log_threshold"]
     got = torch.autograd.grad((out.y.float() * G).sum(), [p[n] for n in names])
     want = torch.autograd.grad((y.float() * G).sum(), [q[n] for n in names])
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    # 16-bit: the separate decode backward rounds grad_acts to the acts' dtype, the fused one keeps it in
+    # float32, so the weight gradients differ by a few roundings of that dtype (eps 2^-10 fp16, 2^-7 bf16)
+    tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
     for name, g, w in zip(names, got, want):
-        torch.testing.assert_close(g, w, **tol, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol, msg=lambda m: f"grad of {name}: {m}")
 
 
 @pytest.mark.parametrize("backend,dtype", [p for p in backend_params(dtypes=(torch.float32, torch.float16,
@@ -228,23 +230,21 @@ def test_triton_builds_the_index_transpose_once_per_backward(monkeypatch):
 
 @pytest.mark.parametrize("backend", bk.available_backends())
 def test_opcheck(backend):
-    if backend in ("cuda",) or (backend == "triton" and torch.cuda.is_available()):
-        pytest.skip("checked on the GPU by the backend's own tests")
-    p = make_params(7, 5, 16, 6)
+    dev = device_for(backend)  # on a GPU machine the cuda and triton backends are checked on the GPU
+    p = make_params(7, 5, 16, 6, device=dev)
     x, W, b, lt, Wd, bd = (p[n] for n in KEYS)
     ops = torch.ops.binsparse
     torch.library.opcheck(ops.topk_binary_encode_decode, (x, W, b, lt, Wd, bd, 3, "sigmoid", 2.0, backend))
     torch.library.opcheck(ops.topk_binary_encode_decode, (x, W, b, lt, Wd, None, 3, "rectangle", 1.0, backend))
     torch.library.opcheck(ops.topk_encode_decode, (x, W, b, Wd, bd, 3, backend))
     out = bk.topk_binary_encode_decode(x, W, b, lt, Wd, bd, 3, backend=backend)
-    values = torch.randn(7, 3)
+    values = torch.randn(7, 3, device=dev)
     for binary, mode in ((True, 1), (False, 0)):
-        torch.library.opcheck(ops.coder_backward, (torch.randn(7, 6), torch.randn(7, 3), torch.randn(7, 3),
-                                                   out.indices, out.acts.detach(), values, x.detach(), W.detach(),
-                                                   Wd.detach(), binary, mode, 2.0, True, True, True, True, backend))
-        torch.library.opcheck(ops.coder_backward, (torch.randn(7, 6), torch.randn(7, 3), torch.randn(7, 3),
-                                                   out.indices, out.acts.detach(), values, x.detach(), W.detach(),
-                                                   Wd.detach(), binary, mode, 2.0, False, True, False, True, backend))
+        for need_x, need_b in ((True, True), (False, False)):
+            torch.library.opcheck(ops.coder_backward,
+                                  (torch.randn(7, 6, device=dev), torch.randn(7, 3, device=dev),
+                                   torch.randn(7, 3, device=dev), out.indices, out.acts.detach(), values, x.detach(),
+                                   W.detach(), Wd.detach(), binary, mode, 2.0, need_x, True, need_b, True, backend))
 
 
 def test_torch_compile_fullgraph_coder_step_matches_eager():
