@@ -1,7 +1,8 @@
-"""Backend self-check: a backend's three ops on small random problems, against the reference in float64.
+"""Backend self-check: a backend's ops on small random problems, against the reference in float64.
 
-The ops are the binary encode, the TopK (continuous) encode and the decode, each forward and
-backward, called through the backend interface of ``backends/__init__.py``. The yardstick is the
+The ops (``OPS``) are the binary encode, the TopK (continuous) encode and the decode, each forward
+and backward, and the coder's one fused backward (``coder_backward``), called through the backend
+interface of ``backends/__init__.py``. The yardstick is the
 reference backend run on the CPU in float64 on the same (rounded) inputs, so it shares no code path
 with the GPU under test. The encoders are judged by value: the backend's selection must be a valid
 top-k of the float64 scores (distinct indices, the scores at them, none below the k-th largest), so
