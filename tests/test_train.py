@@ -398,6 +398,25 @@ def test_exclude_tokens_drops_their_positions(tmp_path):
                                                   for i in range(12))
 
 
+def test_command_line_layer_stride_keeps_every_nth_layer(tmp_path):
+    """--layer_stride 2 with neither --layers nor --hookpoints: the MLPs of layers 0, 2, 4 of a 5-layer model."""
+    from binsparse_kernels.cli import main
+
+    model_dir, text = tmp_path / "model", tmp_path / "text.txt"
+    tiny_lm(layers=5).save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
+    text.write_text(synthetic_text(200, seed=5))
+    assert main(["train", str(model_dir), str(text), "--layer_stride", "2", "--variants", "topk", "--k", "4",
+                 "--num_latents", "32", "--batch_size", "2", "--ctx_len", "16", "--max_tokens", str(2 * 16),
+                 "--lr", "0.01", "--save_dir", str(tmp_path), "--run_name", "s", "--device", "cpu", "--no_report"]) == 0
+    assert sorted(p.name for p in (tmp_path / "s" / "topk").iterdir()) == ["layers.0.mlp", "layers.2.mlp", "layers.4.mlp"]
+    with pytest.raises(ValueError, match="layer_stride=9 keeps none"):
+        main(["train", str(model_dir), str(text), "--hookpoints", "layers.3.mlp", "--layer_stride", "9",
+              "--variants", "topk", "--k", "4", "--num_latents", "32", "--batch_size", "2", "--ctx_len", "16",
+              "--max_tokens", str(2 * 16), "--lr", "0.01", "--save_dir", str(tmp_path), "--run_name", "t",
+              "--device", "cpu", "--no_report"])
+
+
 def test_command_line_sae_no_skip_and_resume(tmp_path, capsys):
     """--sae, --no_skip_connection and --resume through `binsparse train`, on a tiny model on disk."""
     from binsparse_kernels.cli import main
