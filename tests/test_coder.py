@@ -133,6 +133,50 @@ def dense_auxk(c, x, y, dead):
     return min(n_dead / half, 1.0) * (e_hat - e).square().sum() / (y - y.mean(0)).square().sum()
 
 
+def dense_multi_topk_fvu(c, x, y):
+    """The FVU of the coder's whole prediction with 4k latents, from dense [N, M] matrices: per token the
+    top binary_k(4k) binary latents by z = pre - theta (act 1[z > 0], sigmoid STE) and the top rest of the
+    continuous ones by ReLU(pre), decoded with b_dec and the skip path."""
+    y = x if y is None else y
+    xe = x if c.cfg.transcode else x - c.b_dec
+    pre = xe @ c.encoder.weight.T + c.encoder.bias
+    Mb, K = c.binary_latents, min(4 * c.cfg.k, c.num_latents)
+    kb = c.binary_k(K)
+    z = pre[:, :Mb] - (c.log_threshold.exp() if Mb else 0)
+    s = surrogate(z, c.cfg.ste, c.cfg.ste_temperature)
+    acts = torch.cat([(z > 0).float() + s - s.detach(), torch.relu(pre[:, Mb:])], 1)
+    selected = torch.zeros_like(pre, dtype=torch.bool)
+    if kb:
+        selected[:, :Mb].scatter_(1, z.detach().topk(kb, 1).indices, True)
+    if K - kb:
+        selected[:, Mb:].scatter_(1, torch.relu(pre[:, Mb:]).detach().topk(K - kb, 1).indices, True)
+    out = torch.where(selected, acts, 0.0) @ c.W_dec + c.b_dec
+    if c.W_skip is not None:
+        out = out + x @ c.W_skip.T
+    return (y - out).square().sum() / (y - y.mean(0)).square().sum()
+
+
+@pytest.mark.parametrize("backend", bk.available_backends())
+@pytest.mark.parametrize("variant", ["BAE", "BTC-skip", "hybrid-SAE", "TopK-SAE"])
+def test_multi_topk_fvu_matches_its_dense_definition(variant, backend):
+    device = device_for(backend)
+    c = randomised(variant, multi_topk=True).to(device)
+    c.backend = backend
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(30, 12, generator=g).to(device), torch.randn(30, 12, generator=g).to(device)
+    target = y if c.cfg.transcode else None
+    ours = c(x, target).multi_topk_fvu
+    expected = dense_multi_topk_fvu(c, x, target)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
+    names, params = zip(*c.named_parameters())
+    g_ours = torch.autograd.grad(ours, params, allow_unused=True)
+    g_dense = torch.autograd.grad(expected, params, allow_unused=True)
+    for name, p, a, b in zip(names, params, g_ours, g_dense):
+        a = torch.zeros_like(p) if a is None else a
+        b = torch.zeros_like(p) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def randomised(variant, **kw):
     torch.manual_seed(3)
     c = coder(variant, **kw)
