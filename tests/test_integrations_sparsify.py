@@ -254,9 +254,10 @@ def test_our_checkpoints_load_into_sparsify(variant, tmp_path):
     torch.testing.assert_close(got.fvu, expected.fvu, rtol=1e-5, atol=1e-6)
     back = bsp.from_sparsify(loaded)
     torch.testing.assert_close(back(x, target).sae_out, expected.sae_out, rtol=1e-5, atol=1e-5)
-    if variant == "TopK-SAE":  # plain sparsify reads our continuous checkpoints as they are
+    if not c.cfg.binary:  # plain sparsify reads our continuous checkpoints as they are, W_skip included
         stock = sparsify.SparseCoder.load_from_disk(tmp_path / "layers.3")
-        torch.testing.assert_close(stock(x).sae_out, expected.sae_out, rtol=1e-5, atol=1e-5)
+        assert (stock.W_skip is not None) == c.cfg.skip_connection
+        torch.testing.assert_close(stock(x, target).sae_out, expected.sae_out, rtol=1e-5, atol=1e-5)
     elif c.cfg.binary:
         with pytest.raises(TypeError, match="topk_binary"):
             sparsify.SparseCoder.load_from_disk(tmp_path / "layers.3")
