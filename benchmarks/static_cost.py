@@ -232,21 +232,13 @@ def most_histograms(M: int, k: int, bn: int, bm: int, rows: int, seed: int = 0) 
     return hists
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["bf16", "fp16", "fp32"], nargs="*")
-    ap.add_argument("--arch", type=int, nargs="*", default=[90, 80])
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--rows", type=int, default=512, help="rows simulated for the branch mix")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "static_cost_sm90.json")
-    ap.add_argument("--reuse", action="store_true", help="take the compiled counts from --out, redo the estimates")
-    args = ap.parse_args()
-    _setup()
+def triton_part(args) -> dict:
+    """Compile, count and estimate the Triton encode: the document's "triton" part."""
     dtypes = args.only or ["bf16", "fp16", "fp32"]
     jobs = [(dt, kp, arch, True) for arch in args.arch for dt in dtypes for kp in (16, 32, 64, 128)]
     jobs += [("bf16", kp, 90, False) for kp in (32, 64, 128)]  # the ungated step, for comparison
     if args.reuse:
-        rows = json.loads(args.out.read_text())["configs"]
+        rows = json.loads(args.out.read_text())["triton"]["configs"]
     else:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             rows = list(pool.map(analyse, jobs))
@@ -272,16 +264,51 @@ def main():
                 print(f"ESTIMATE d={d} M={M} k={k} S={S}: {est['est_encode_ms']} ms vs GEMM {est['est_gemm_ms']} ms -> "
                       f"{est['est_ratio_to_gemm']}x, mix {est['branch_mix']}", flush=True)
     import sass
-    doc = {"what": "static cost of the Triton fused encode (benchmarks/static_cost.py); compiled with triton "
-                   + __import__("triton").__version__ + ", disassembled with nvdisasm; every time is an ESTIMATE",
-           "assumed_h100": H100, "assumed_issue_rates_warp_instr_per_clk_per_sm": sass.RATES,
-           "model": __doc__.split("The model that turns counts into time")[1].strip(),
-           "extract_max_S": enc.EXTRACT_MAX, "configs": rows, "est_ratio_to_gemm": estimates,
-           "est_by_extract_limit_S": by_s}
-    if args.out.exists():  # the CUDA backend's rows (benchmarks/static_cost_cuda.py) stay
-        doc["cuda"] = json.loads(args.out.read_text()).get("cuda", [])
+    import triton
+    return {"compiled_with": f"triton {triton.__version__}, disassembled with nvdisasm",
+            "assumed_h100": H100, "assumed_issue_rates_warp_instr_per_clk_per_sm": sass.RATES,
+            "model": __doc__.split("The model that turns counts into time")[1].strip(),
+            "extract_max_S": enc.EXTRACT_MAX, "configs": rows, "estimates": estimates, "est_by_extract_limit_S": by_s}
+
+
+def summary_row(backend: str, est: dict) -> dict:
+    """One row of the document's top-level est_ratio_to_gemm table (both backends)."""
+    return {"backend": backend, "dtype": "bf16", "N": est["N"], "d": est["d"], "M": est["M"], "k": est["k"],
+            "est_encode_ms": est.get("est_encode_ms", est.get("est_kernel_ms")), "est_gemm_ms": est["est_gemm_ms"],
+            "est_ratio_to_gemm": est["est_ratio_to_gemm"], "label": "ESTIMATE (static model), not a timing"}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=["triton", "cuda"], nargs="*", default=["triton", "cuda"],
+                    help="which backends to (re)analyse; the other's part of --out is kept")
+    ap.add_argument("--only", choices=["bf16", "fp16", "fp32"], nargs="*", help="triton: dtypes to compile")
+    ap.add_argument("--arch", type=int, nargs="*", default=[90, 80], help="triton: targets to compile")
+    ap.add_argument("--jobs", type=int, default=2, help="triton: parallel compiles")
+    ap.add_argument("--rows", type=int, default=512, help="triton: rows simulated for the branch mix")
+    ap.add_argument("--reuse", action="store_true", help="triton: take the compiled counts from --out, redo the estimates")
+    ap.add_argument("--so", default=None, help="cuda: the built extension (default binsparse_kernels/_C_cuda*.so)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "static_cost_sm90.json")
+    args = ap.parse_args(argv)
+    _setup()
+    old = json.loads(args.out.read_text()) if args.out.exists() else {}
+    doc = {"what": "static cost of the fused encode of both GPU backends (benchmarks/static_cost.py; the CUDA "
+                   "analysis in benchmarks/static_cost_cuda.py): compiled code read per kernel, and an ESTIMATE of "
+                   "its time against the bare bf16 GEMM on an H100. Every time here is an ESTIMATE, not a timing; "
+                   "each backend's model (its 'model' entry) states its own assumptions.",
+           "est_ratio_to_gemm": [], "triton": old.get("triton"), "cuda": old.get("cuda")}
+    if "triton" in args.backend:
+        doc["triton"] = triton_part(args)
+    if "cuda" in args.backend:
+        import static_cost_cuda
+        doc["cuda"] = static_cost_cuda.analyse(args.so)
+    for backend in ("triton", "cuda"):
+        part = doc[backend] or {}
+        doc["est_ratio_to_gemm"] += [summary_row(backend, e) for e in part.get("estimates", part.get("rows", []))]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    for r in doc["est_ratio_to_gemm"]:
+        print(f"ESTIMATE {r['backend']:6s} d={r['d']:5d} M={r['M']:6d} k={r['k']:3d}: {r['est_ratio_to_gemm']}x GEMM")
     print(f"wrote {args.out}")
 
 
