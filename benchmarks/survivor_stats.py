@@ -9,7 +9,7 @@ Real data: SmolLM2-135M (the package's offline GGUF), the input of ``layers.9.ml
 through the binary and the TopK coder trained by ``binsparse train --variants binary topk`` into
 ``--run`` (scores exactly as the kernel computes them: ``x W^T + b - theta`` or ``ReLU(x W^T + b)``).
 
-Per (row block, chunk, tile position) step the kernel appends every score not below its row's
+Per (row block, chunk, tile position) step the kernel appends every score above its row's
 threshold tau (the k-th best key of the running list at the last flush) to the row's candidate
 buffers, in as many rounds per tile half as the block's largest survivor count of one quad group (the
 columns 8 j + 2 q + b of one q); it sorts only when it flushes (a group buffer holds more than
@@ -87,7 +87,9 @@ def simulate(z: torch.Tensor, k: int, block_n: int, block_m: int, tiles_per_chun
                 cols = m0 + torch.arange(half)
                 ok = cols < M
                 s = zp[:, cols.clamp(max=M - 1)]
-                surv = ~(s < tau[:, None]) & ok[None, :]
+                # the kernel's gate: above tau, NaN, or a list not yet full (a tie at tau loses on index)
+                row_tau = tau[:, None]
+                surv = ((s > row_tau) | torch.isnan(s) | (row_tau == -math.inf)) & ok[None, :]
                 count = surv.view(-1, half // 8, 4, 2).sum((1, 3)).to(torch.int32)  # [rows, 4 groups]
                 rounds[:, c, t, h] = count.view(rb, -1).amax(1)
                 keys = torch.where(surv, enc._torch_keys(s, m0), torch.full_like(s, SENTINEL, dtype=torch.int64))

@@ -451,6 +451,10 @@ def test_gate_adversarial_orders(order, k):
     if order == "rising":
         rounds, flushes = replay(z, k, cfg)
         assert all(r == [cfg.BLOCK_M // 8] * 2 for r in rounds[:-1]) and all(flushes)
+    if order == "all-equal":  # (a ReLU coder's zeros): once the first tile fills the list, ties lose
+        rounds, flushes = replay(z, k, cfg)
+        assert rounds[0] == [cfg.BLOCK_M // 8] * 2 and all(r == [0, 0] for r in rounds[1:])
+        assert flushes == [True] + [False] * (len(flushes) - 1)
 
 
 def test_gate_k_equal_m_and_nan_columns():

@@ -10,8 +10,9 @@ benchmarks/TRITON_NOTES_encode.md has the evidence):
    bf16/fp16, fp32 FMAs for fp32 with ``input_precision="ieee"``, never TF32), accumulated in fp32, plus
    ``b_enc`` and minus theta (binary) or ReLU (continuous). Each row has a running top-``KP`` list of
    int64 *keys* (below), ascending, kept in this program's slots of the keys output, and a float
-   threshold tau: the list's k-th best score, below which no score can enter the row's top k.
-   **The gate** (``_append``): every score not below tau is appended, as its float bits and latent, to
+   threshold tau: the list's k-th best score; a later score that does not beat it cannot enter the
+   row's top k (a tie loses: its latent is higher than every listed one's).
+   **The gate** (``_append``): every score above tau is appended, as its float bits and latent, to
    one of the row's four candidate buffers (per-program global scratch), the one of its quad group (the
    columns a thread holds in a tensor-core accumulator), so no data moves between threads; a tile half
    costs as many append rounds as the block's fullest group has survivors (usually 0-2). **The flush**
@@ -20,7 +21,10 @@ benchmarks/TRITON_NOTES_encode.md has the evidence):
    by a bitonic top-k and folded into the running list by one bitonic merge (the element-wise max of
    an ascending and a descending list holds the top KP of both and is bitonic); then tau is re-read.
    The result is bit for bit that of sorting every tile (``GATE=False``, the tests' baseline): keys
-   are unique, and every key of the chunk's top k is >= the chunk's k-th key >= tau when it arrives.
+   are unique, and every key of the chunk's top k is >= the chunk's k-th key >= the listed k-th key
+   when it arrives; a chunk is walked in latent order, so a score equal to tau (the listed k-th's)
+   has the lower key and is dropped: ties at tau, e.g. a ReLU coder's zeros once a row has k, cost
+   nothing.
    The chunk's list stays in the keys output, ``N * n_chunks * KP`` int64: O(N*k), never O(N*M).
 2. ``_merge_kernel``: one program per block of rows folds the ``n_chunks`` partial lists the same way
    (each next list read back to front, i.e. descending), decodes the keys and writes the largest ``k``
@@ -227,9 +231,13 @@ def _in_range_bits(first, M, HALF: tl.constexpr):
 @triton.jit
 def _append(s, lat0, M, tau, fill, group_slot, buf, GROUP_WIDTH: tl.constexpr, LATENTS: tl.constexpr,
             BLOCK_N: tl.constexpr, LOG_J: tl.constexpr):
-    """The gate: every score of s [BLOCK_N, 2**LOG_J * 8] (latents lat0, lat0 + 1, ...) not below its row's
-    threshold tau (NaN survives: NaN < tau is false) is appended to one of the row's four candidate
-    buffers; returns the buffers' new fills [BLOCK_N, 4].
+    """The gate: every score of s [BLOCK_N, 2**LOG_J * 8] (latents lat0, lat0 + 1, ...) that can still
+    enter its row's list is appended to one of the row's four candidate buffers; returns the buffers'
+    new fills [BLOCK_N, 4]. That is a score above tau, every NaN (NaN keys beat every number; a NaN at
+    the k-th slot makes tau +inf and a later NaN's key is lower, so surviving is only a harmless
+    superset), and every score while the list is not full (tau = -inf, which a -inf score must pass
+    too). A score equal to tau loses to the listed k-th key, whose latent is lower (-0.0 and +0.0 tie,
+    as in the keys)
 
     Column 8 j + 2 q + b of a row belongs to group q (q < 4): the columns a thread holds in the
     accumulator of a tensor-core dot (wgmma and mma.sync give lane q of a quad columns 8 j + 2 q + b), so
@@ -242,7 +250,9 @@ def _append(s, lat0, M, tau, fill, group_slot, buf, GROUP_WIDTH: tl.constexpr, L
     s4 = tl.reshape(s, [BLOCK_N, J, 4, 2])
     j = tl.arange(0, J)[None, :, None, None]
     b = tl.arange(0, 2)[None, None, None, :]
-    surv = tl.where(~(s4 < tau[:, None, None, None]), tl.full((1, J, 1, 2), 1, tl.uint32) << (2 * j + b).to(tl.uint32), 0)
+    t4 = tau[:, None, None, None]
+    live = (s4 > t4) | (s4 != s4) | (t4 == float("-inf"))
+    surv = tl.where(live, tl.full((1, J, 1, 2), 1, tl.uint32) << (2 * j + b).to(tl.uint32), 0)
     # [BLOCK_N, 4]: the bits are distinct, so their sum is their union
     mask = tl.sum(tl.sum(surv, axis=3), axis=1) & _in_range_bits(lat0, M, 8 * J)[None, :]
     bits = s4.to(tl.int32, bitcast=True)
@@ -290,15 +300,13 @@ def _flush(buf, fills, lists, list_stride, rows_left,
 
 @triton.jit
 def _threshold(kth_keys, row_ok):
-    """The float threshold of each row (``kth_keys``: pointers to each row's k-th best key): scores below
-    it cannot enter the row's top k, an exact superset test.
+    """The float threshold of each row (``kth_keys``: pointers to each row's k-th best key), for
+    ``_append``'s exact gate.
 
     The running list's k-th best key (slot KP - k of the ascending list) is a lower bound of the
-    chunk's final k-th key, so a score whose key is below it can be dropped. As a float: a score s
-    survives unless ``s < tau``; tau = -inf while the slot is the sentinel (the list is not full: all
-    survive), +inf when the k-th key is a NaN (only NaN scores, and +inf, survive), else the k-th score.
-    The float test keeps a superset of the keys above the k-th (equal scores with higher indices, and
-    -0.0 against +0.0, survive too); the keys settle them. Rows past N get +inf: nothing to buffer.
+    chunk's final k-th key, so a later score whose key is below it can be dropped. tau = -inf while the
+    slot is the sentinel (the list is not full: all survive), +inf when the k-th key is a NaN (only NaN
+    scores survive), else the k-th score. Rows past N get +inf: nothing to buffer.
     """
     kth = tl.load(kth_keys, mask=row_ok, other=_SENTINEL)
     score, _ = _keys_to_scores(kth)
