@@ -41,7 +41,7 @@ def _tau(running: torch.Tensor, k: int, kp: int) -> torch.Tensor:
     score, _ = enc._torch_decode(kth.unsqueeze(1))
     score = score.squeeze(1)
     tau = torch.where(torch.isnan(score), torch.full_like(score, math.inf), score)
-    return torch.where(kth == SENTINEL, torch.full_like(score, -math.inf), tau)
+    return torch.where(kth == SENTINEL, torch.full_like(score, math.nan), tau)  # not full: all pass
 
 
 def _top(keys: torch.Tensor, kp: int) -> torch.Tensor:
@@ -80,16 +80,16 @@ def simulate(z: torch.Tensor, k: int, block_n: int, block_m: int, tiles_per_chun
         running = torch.full((rb * block_n, kp), SENTINEL, dtype=torch.int64)
         pending = running.clone()  # the top kp of the keys buffered since the last flush
         fill = torch.zeros((rb * block_n, 4), dtype=torch.int32)
-        tau = torch.where(row_ok, -math.inf, math.inf)
+        tau = torch.where(row_ok, math.nan, math.inf)
         for t in range(n_tiles):
             for h in range(2):
                 m0 = chunk_start + t * block_m + h * half
                 cols = m0 + torch.arange(half)
                 ok = cols < M
                 s = zp[:, cols.clamp(max=M - 1)]
-                # the kernel's gate: above tau, NaN, or a list not yet full (a tie at tau loses on index)
-                row_tau = tau[:, None]
-                surv = ((s > row_tau) | torch.isnan(s) | (row_tau == -math.inf)) & ok[None, :]
+                # the kernel's gate: not (s <= tau): above tau, NaN, or any s while tau is NaN (a list
+                # not yet full); a tie at tau loses on index
+                surv = ~(s <= tau[:, None]) & ok[None, :]
                 count = surv.view(-1, half // 8, 4, 2).sum((1, 3)).to(torch.int32)  # [rows, 4 groups]
                 rounds[:, c, t, h] = count.view(rb, -1).amax(1)
                 keys = torch.where(surv, enc._torch_keys(s, m0), torch.full_like(s, SENTINEL, dtype=torch.int64))

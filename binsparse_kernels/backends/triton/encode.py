@@ -235,9 +235,9 @@ def _append(s, lat0, M, tau, fill, group_slot, buf, GROUP_WIDTH: tl.constexpr, L
     enter its row's list is appended to one of the row's four candidate buffers; returns the buffers'
     new fills [BLOCK_N, 4]. That is a score above tau, every NaN (NaN keys beat every number; a NaN at
     the k-th slot makes tau +inf and a later NaN's key is lower, so surviving is only a harmless
-    superset), and every score while the list is not full (tau = -inf, which a -inf score must pass
-    too). A score equal to tau loses to the listed k-th key, whose latent is lower (-0.0 and +0.0 tie,
-    as in the keys)
+    superset), and every score while the list is not full (tau is NaN then, so even -inf passes). A
+    score equal to tau loses to the listed k-th key, whose latent is lower (-0.0 and +0.0 tie, as in
+    the keys)
 
     Column 8 j + 2 q + b of a row belongs to group q (q < 4): the columns a thread holds in the
     accumulator of a tensor-core dot (wgmma and mma.sync give lane q of a quad columns 8 j + 2 q + b), so
@@ -250,9 +250,8 @@ def _append(s, lat0, M, tau, fill, group_slot, buf, GROUP_WIDTH: tl.constexpr, L
     s4 = tl.reshape(s, [BLOCK_N, J, 4, 2])
     j = tl.arange(0, J)[None, :, None, None]
     b = tl.arange(0, 2)[None, None, None, :]
-    t4 = tau[:, None, None, None]
-    live = (s4 > t4) | (s4 != s4) | (t4 == float("-inf"))
-    surv = tl.where(live, tl.full((1, J, 1, 2), 1, tl.uint32) << (2 * j + b).to(tl.uint32), 0)
+    # one compare: not (s <= tau) is true for s > tau, for a NaN s, and for every s when tau is NaN
+    surv = tl.where(~(s4 <= tau[:, None, None, None]), tl.full((1, J, 1, 2), 1, tl.uint32) << (2 * j + b).to(tl.uint32), 0)
     # [BLOCK_N, 4]: the bits are distinct, so their sum is their union
     mask = tl.sum(tl.sum(surv, axis=3), axis=1) & _in_range_bits(lat0, M, 8 * J)[None, :]
     bits = s4.to(tl.int32, bitcast=True)
@@ -304,14 +303,14 @@ def _threshold(kth_keys, row_ok):
     ``_append``'s exact gate.
 
     The running list's k-th best key (slot KP - k of the ascending list) is a lower bound of the
-    chunk's final k-th key, so a later score whose key is below it can be dropped. tau = -inf while the
-    slot is the sentinel (the list is not full: all survive), +inf when the k-th key is a NaN (only NaN
-    scores survive), else the k-th score. Rows past N get +inf: nothing to buffer.
+    chunk's final k-th key, so a later score whose key is below it can be dropped. tau = NaN while the
+    slot is the sentinel (the list is not full: all survive), +inf when the k-th key is a NaN
+    (only NaN scores survive), else the k-th score. Rows past N get +inf: nothing to buffer.
     """
     kth = tl.load(kth_keys, mask=row_ok, other=_SENTINEL)
     score, _ = _keys_to_scores(kth)
     tau = tl.where(score != score, float("inf"), score)
-    tau = tl.where(kth == _SENTINEL, float("-inf"), tau)  # (the sentinel decodes to a NaN)
+    tau = tl.where(kth == _SENTINEL, float("nan"), tau)  # not full: NaN, every score passes
     return tl.where(row_ok, tau, float("inf"))
 
 
@@ -352,7 +351,7 @@ def _encode_partial_kernel(
         rows_left = N - pid_n * BLOCK_N
         fl = lists + local.to(tl.int64)[:, None] * list_stride + slots[None, :]
         tl.store(fl, tl.full((BLOCK_N, KP), _SENTINEL, tl.int64), mask=row_ok[:, None])
-        tau = tl.where(row_ok, float("-inf"), float("inf"))
+        tau = tl.where(row_ok, float("nan"), float("inf"))  # empty lists take every score
         fill = tl.zeros((BLOCK_N, 4), tl.int32)
     else:
         running = tl.full((BLOCK_N, KP), _SENTINEL, tl.int64)
