@@ -240,3 +240,112 @@ def issue_cycles(counts: Counter, warps: int = 1) -> dict:
     per = {k: v * warps for k, v in per.items()}
     per["bound"] = max(per.values())
     return per
+
+
+@dataclass
+class Loop:
+    """A natural loop of the control-flow graph: ``header`` and ``blocks`` are basic-block indices
+    (``_blocks``), ``own`` the blocks of no inner loop, ``children`` the loops directly inside."""
+    header: int
+    blocks: set
+    own: set
+    children: list
+    parent: "Loop | None" = None
+
+    def instructions(self, bounds) -> list[int]:
+        return [n for b in sorted(self.blocks) for n in range(*bounds[b])]
+
+
+def cfg(instrs: list[Instr]):
+    """(bounds, successors) of the basic blocks: ``_blocks``, i.e. ``BRA.DIV`` not taken."""
+    return _blocks(instrs)
+
+
+def natural_loops(instrs: list[Instr]) -> tuple[list, list[Loop]]:
+    """(block bounds, loops): the natural loops of the kernel's control-flow graph (a back edge u -> h
+    where h dominates u; the body is every block that reaches u without passing h; loops sharing a
+    header merged), nested by containment. Unlike ``loops`` this does not assume a loop's blocks lie
+    between its head and its back edge in the binary (the compiler places exit paths anywhere)."""
+    bounds, succ = _blocks(instrs)
+    n = len(bounds)
+    pred = [[] for _ in range(n)]
+    for b, ss in enumerate(succ):
+        for s in ss:
+            pred[s].append(b)
+    # reachable blocks and their dominators (iterative data flow from block 0)
+    reach, stack = {0}, [0]
+    while stack:
+        for s in succ[stack.pop()]:
+            if s not in reach:
+                reach.add(s)
+                stack.append(s)
+    order = sorted(reach)
+    dom = {b: set(reach) for b in order}
+    dom[0] = {0}
+    changed = True
+    while changed:
+        changed = False
+        for b in order[1:]:
+            ps = [p for p in pred[b] if p in reach]
+            new = set.intersection(*(dom[p] for p in ps)) | {b} if ps else {b}
+            if new != dom[b]:
+                dom[b], changed = new, True
+    bodies: dict[int, set] = {}
+    for u in order:
+        for h in succ[u]:
+            if h in dom[u]:  # back edge u -> h
+                body, work = {h, u}, [u]
+                while work:
+                    x = work.pop()
+                    if x == h:
+                        continue
+                    for p in pred[x]:
+                        if p in reach and p not in body:
+                            body.add(p)
+                            work.append(p)
+                bodies.setdefault(h, set()).update(body)
+    loops_ = sorted((Loop(h, body, set(body), []) for h, body in bodies.items()), key=lambda lp: len(lp.blocks))
+    for i, inner in enumerate(loops_):  # the smallest enclosing loop is the parent
+        for outer in loops_[i + 1:]:
+            if inner.blocks <= outer.blocks and inner.header != outer.header:
+                inner.parent = outer
+                outer.children.append(inner)
+                break
+    for lp in loops_:
+        for ch in lp.children:
+            lp.own -= ch.blocks
+    return bounds, loops_
+
+
+def iteration_paths(instrs: list[Instr], bounds, loop: Loop, limit: int = 20000) -> list[tuple[list[int], list[Loop]]]:
+    """Every acyclic path through one iteration of ``loop``: from its header back to the header (or out
+    of the loop), its inner loops each taken as one step (entered at the header, left by any exit).
+    Returns (the instruction indices of the loop's own blocks on the path, the inner loops entered)."""
+    _, succ = _blocks(instrs)
+    inner_of = {b: ch for ch in loop.children for b in ch.blocks}
+
+    def exits(ch: Loop) -> set:
+        return {s for b in ch.blocks for s in succ[b] if s not in ch.blocks}
+
+    out: list = []
+
+    def walk(node, own: list, entered: list, seen: set):
+        if len(out) >= limit:
+            raise RuntimeError(f"more than {limit} paths")
+        if isinstance(node, Loop):
+            nexts = exits(node)
+        else:
+            own = own + [node]
+            nexts = succ[node]
+        for s in nexts:
+            if s == loop.header or s not in loop.blocks:
+                out.append((own, entered))
+                continue
+            nxt = inner_of.get(s, s)
+            key = id(nxt) if isinstance(nxt, Loop) else nxt
+            if key in seen:
+                continue
+            walk(nxt, own, entered + [nxt] if isinstance(nxt, Loop) else entered, seen | {key})
+
+    walk(loop.header, [], [], {loop.header})
+    return [([i for b in own for i in range(*bounds[b])], entered) for own, entered in out]

@@ -1,7 +1,7 @@
 """Static cost of the Hopper CUDA encode kernel (csrc/cuda/encode_sm90.cu) read from its machine code,
 with an ESTIMATE of its time relative to the bare GEMM. No GPU needed; nothing here is a timing.
 
-    python benchmarks/static_cost_cuda.py [--so binsparse_kernels/_C_cuda*.so] [--out benchmarks/results/static_cost_sm90.json]
+    python benchmarks/static_cost.py --backend cuda [--so binsparse_kernels/_C_cuda*.so]   (imports this module)
 
 What it reads (sm_90a cubin of the built library, via benchmarks/sass.py):
 * per-tile instruction counts by class of the epilogue of one warp, located in the bf16 kernel's
@@ -30,9 +30,7 @@ The ESTIMATE (labelled so in every row), per consumer warpgroup tile of 64 x 256
 
 from __future__ import annotations
 
-import argparse
 import glob
-import json
 import math
 import os
 import re
@@ -195,15 +193,13 @@ def estimate(d: int, M: int, k: int, z_clk: float, scan_clk: float, group_block:
             "est_gemm_ms": round(gemm_s * 1e3, 3), "est_ratio_to_gemm": round(kernel_s / gemm_s, 3)}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    default_so = (sorted(glob.glob(os.path.join(ROOT, "binsparse_kernels", "_C_cuda*.so"))) or [None])[0]
-    parser.add_argument("--so", default=default_so)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "static_cost_sm90.json"))
-    args = parser.parse_args()
-    if args.so is None:
+def analyse(so: str | None = None) -> dict:
+    """The CUDA backend's part of benchmarks/results/static_cost_sm90.json (written by
+    benchmarks/static_cost.py): the kernel, this model, and one row per (shape, k) with ``"backend": "cuda"``."""
+    so = so or default_so()
+    if so is None:
         raise SystemExit("no built binsparse_kernels/_C_cuda*.so; build the package with CUDA first")
-    kernel, instrs, res = sm90_kernel(args.so)
+    kernel, instrs, res = sm90_kernel(so)
     z_counts, scan_counts, group_block, per_slot, fixed = epilogue_parts(instrs)
     z_clk, scan_clk = clocks(z_counts), clocks(scan_counts)
     rows = []
@@ -220,12 +216,6 @@ def main():
                 "epilogue_scores_clk": round(z_clk), "epilogue_gate_scan_clk": round(scan_clk),
                 **estimate(d, M, k, z_clk, scan_clk, group_block, per_slot, fixed),
             })
-    # one document for both backends: benchmarks/static_cost.py writes the Triton part, this the "cuda" key
-    doc = json.load(open(args.out)) if os.path.exists(args.out) else {}
-    doc["cuda"] = rows
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(json.dumps(doc, indent=1) + "\n")
     print(f"{kernel[:70]}...: {len(instrs)} instructions, {res['registers']} registers, local {res['local']}")
     print(f"per tile and warp: scores {z_counts['total']} instr -> {z_clk:.0f} clk; gate scan (common path) "
           f"{scan_counts['total']} instr -> {scan_clk:.0f} clk; staging block {group_block:.0f} instr; insertion "
@@ -234,8 +224,14 @@ def main():
         print(f"d={r['d']:5d} M={r['M']:6d} k={r['k']:3d}: stages {r['stages']}, smem {r['smem_bytes']} B, "
               f"chunks {r['chunks']}, waves {r['waves']}, MMA/tile {r['mma_clk_per_tile']} clk, epilogue first/last "
               f"{r['epilogue_clk_first_tile']}/{r['epilogue_clk_last_tile']} clk -> ESTIMATE {r['est_ratio_to_gemm']}x GEMM")
-    print(f"wrote {len(rows)} cuda rows to {args.out}")
+    return {"so": os.path.relpath(so, ROOT), "kernel": kernel, "model": __doc__, "rows": rows}
 
 
-if __name__ == "__main__":
-    main()
+def default_so() -> str | None:
+    return (sorted(glob.glob(os.path.join(ROOT, "binsparse_kernels", "_C_cuda*.so"))) or [None])[0]
+
+
+if __name__ == "__main__":  # one entry point for both backends' static cost
+    import static_cost  # noqa: E402
+
+    static_cost.main(["--backend", "cuda"] + sys.argv[1:])

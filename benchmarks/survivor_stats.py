@@ -1,6 +1,6 @@
-"""How often the gated Triton encode skips, extracts or fully sorts a tile: the kernel's gating logic
-replayed in torch (same threshold rule, tile order, chunking and block-uniform branch), on real
-activations and on adversarial orders. Nothing is timed. Writes benchmarks/results/survivor_stats.json.
+"""How often the gated Triton encode appends and flushes: the kernel's gate replayed in torch (same
+threshold rule, tile halves, quad groups, flush rule and chunking), on real activations and on
+adversarial orders. Nothing is timed. Writes benchmarks/results/survivor_stats.json.
 
     python benchmarks/survivor_stats.py --run /tmp/runs/surv --tokens 16384     # real data (trained coders)
     python benchmarks/survivor_stats.py --synthetic-only                        # orders without a model
@@ -9,9 +9,11 @@ Real data: SmolLM2-135M (the package's offline GGUF), the input of ``layers.9.ml
 through the binary and the TopK coder trained by ``binsparse train --variants binary topk`` into
 ``--run`` (scores exactly as the kernel computes them: ``x W^T + b - theta`` or ``ReLU(x W^T + b)``).
 
-Per (row block, chunk, tile position) the kernel takes one of three branches on the block's largest
-survivor count ``most`` (survivors: scores not below the row's threshold tau, the k-th best key of the
-running list so far): ``most == 0`` skip, ``1 <= most <= S`` extract (``most`` rounds), else full sort.
+Per (row block, chunk, tile position) step the kernel appends every score above its row's
+threshold tau (the k-th best key of the running list at the last flush) to the row's candidate
+buffers, in as many rounds per tile half as the block's largest survivor count of one quad group (the
+columns 8 j + 2 q + b of one q); it sorts only when it flushes (a group buffer holds more than
+``FLUSH_AT`` keys, or the chunk ends). A step without a flush is the cheap path.
 """
 
 from __future__ import annotations
@@ -34,74 +36,100 @@ SENTINEL = -(2**63 - 1)
 
 
 def _tau(running: torch.Tensor, k: int, kp: int) -> torch.Tensor:
-    """As encode._gate_threshold: the float score of the k-th best key, -inf for the sentinel,
-    +inf for a NaN."""
+    """As encode._threshold: the float score of the k-th best key, -inf for the sentinel, +inf for a NaN."""
     kth = running[:, kp - k]
     score, _ = enc._torch_decode(kth.unsqueeze(1))
     score = score.squeeze(1)
     tau = torch.where(torch.isnan(score), torch.full_like(score, math.inf), score)
-    return torch.where(kth == SENTINEL, torch.full_like(score, -math.inf), tau)
+    return torch.where(kth == SENTINEL, torch.full_like(score, math.nan), tau)  # not full: all pass
+
+
+def _top(keys: torch.Tensor, kp: int) -> torch.Tensor:
+    """The kp largest keys of each row, ascending (padded with the sentinel)."""
+    if keys.shape[1] < kp:
+        keys = torch.cat([keys, keys.new_full((keys.shape[0], kp - keys.shape[1]), SENTINEL)], 1)
+    return keys.topk(kp, 1).values.flip(1)
 
 
 def simulate(z: torch.Tensor, k: int, block_n: int, block_m: int, tiles_per_chunk: int,
-             extract_max: int = enc.EXTRACT_MAX) -> torch.Tensor:
-    """``most`` (the block's largest survivor count) of every (row block, chunk, tile position) step
-    for scores z [N, M] (float32): an int tensor [row blocks, chunks, tiles_per_chunk], -1 where there
-    is no such tile (past M). The branch is skip for 0, extract for 1..S, full above S; the thresholds
-    (hence ``most``) do not depend on S, since every branch keeps the exact running top k. The final
-    top k is checked against torch.topk on the keys (asserted)."""
+             flush_at: int = enc.Config.FLUSH_AT, flush_rows: int = enc.Config.FLUSH_ROWS) -> dict:
+    """The gate of ``_encode_partial_kernel`` replayed on scores z [N, M] (float32), step by step: per
+    (row block, chunk, tile position) the append rounds of each tile half (the block's largest group
+    survivor count; a group is the four columns 8 j + 2 q + b of one q), whether the step ends in a
+    flush, and per flush each FLUSH_ROWS-row group's largest buffer fill (its flush's column steps).
+    Tensors [row blocks, chunks, tiles_per_chunk, ...], rounds -1 where there is no tile (past M). The
+    thresholds are the kernel's: set at each flush from the running lists, so they depend on FLUSH_AT,
+    not on anything else. The final top k is checked against torch.topk on the keys (asserted)."""
     N, M = z.shape
     kp = enc._kp(k)
+    half = block_m // 2
     rb = -(-N // block_n)
+    groups = block_n // min(flush_rows, block_n)
     tiles = -(-M // block_m)
     n_chunks = -(-tiles // tiles_per_chunk)
     pad = rb * block_n - N
     zp = torch.cat([z, z.new_zeros(pad, M)]) if pad else z
-    row_ok = (torch.arange(rb * block_n) < N).view(rb, block_n)
-    out = torch.full((rb, n_chunks, tiles_per_chunk), -1, dtype=torch.int32)
+    row_ok = torch.arange(rb * block_n) < N
+    rounds = torch.full((rb, n_chunks, tiles_per_chunk, 2), -1, dtype=torch.int32)
+    flush = torch.zeros((rb, n_chunks, tiles_per_chunk), dtype=torch.bool)
+    group_fill = torch.zeros((rb, n_chunks, tiles_per_chunk, groups), dtype=torch.int32)
     finals = []
     for c in range(n_chunks):
+        chunk_start = c * tiles_per_chunk * block_m
+        n_tiles = min(tiles_per_chunk, -(-(M - chunk_start) // block_m))
         running = torch.full((rb * block_n, kp), SENTINEL, dtype=torch.int64)
-        for t in range(tiles_per_chunk):
-            m0 = (c * tiles_per_chunk + t) * block_m
-            if m0 >= M:
-                break
-            m1 = min(M, m0 + block_m)
-            s = zp[:, m0:m1]
-            keys = enc._torch_keys(s, m0)
-            tau = _tau(running, k, kp)
-            surv = ~(s < tau[:, None]) & row_ok.reshape(-1, 1)
-            most = surv.view(rb, block_n, -1).sum(2).amax(1)  # per row block
-            out[:, c, t] = most.to(torch.int32)
-            full = (most > extract_max).repeat_interleave(block_n)
-            part = (most > 0).repeat_interleave(block_n)
-            new = torch.where(full[:, None] | surv, keys, torch.full_like(keys, SENTINEL))
-            new = torch.where(part[:, None], new, torch.full_like(keys, SENTINEL))
-            running = torch.cat([running, new], 1).topk(kp, 1).values.flip(1)  # ascending, as the kernel
+        pending = running.clone()  # the top kp of the keys buffered since the last flush
+        fill = torch.zeros((rb * block_n, 4), dtype=torch.int32)
+        tau = torch.where(row_ok, math.nan, math.inf)
+        for t in range(n_tiles):
+            for h in range(2):
+                m0 = chunk_start + t * block_m + h * half
+                cols = m0 + torch.arange(half)
+                ok = cols < M
+                s = zp[:, cols.clamp(max=M - 1)]
+                # the kernel's gate: not (s <= tau): above tau, NaN, or any s while tau is NaN (a list
+                # not yet full); a tie at tau loses on index
+                surv = ~(s <= tau[:, None]) & ok[None, :]
+                count = surv.view(-1, half // 8, 4, 2).sum((1, 3)).to(torch.int32)  # [rows, 4 groups]
+                rounds[:, c, t, h] = count.view(rb, -1).amax(1)
+                keys = torch.where(surv, enc._torch_keys(s, m0), torch.full_like(s, SENTINEL, dtype=torch.int64))
+                pending = _top(torch.cat([pending, keys], 1), kp)
+                fill += count
+            most = fill.view(rb, -1).amax(1)
+            now = (most > flush_at) | ((t == n_tiles - 1) & (most > 0))
+            flush[:, c, t] = now
+            group_fill[:, c, t] = torch.where(now[:, None], fill.view(rb, groups, -1).amax(2), 0)
+            rows = now.repeat_interleave(block_n)
+            running = torch.where(rows[:, None], _top(torch.cat([running, pending], 1), kp), running)
+            pending = torch.where(rows[:, None], SENTINEL, pending)
+            fill = torch.where(rows[:, None], 0, fill)
+            tau = torch.where(rows, torch.where(row_ok, _tau(running, k, kp), math.inf), tau)
         finals.append(running[:N, kp - k:])
     got = torch.cat(finals, 1).topk(k, 1).values
     want = enc._torch_keys(z, 0).topk(k, 1).values
     assert torch.equal(got, want), "the replayed gating lost a top-k key"
-    return out
+    return {"rounds": rounds, "flush": flush, "group_fill": group_fill}
 
 
-def fractions(branches: torch.Tensor, extract_max: int = enc.EXTRACT_MAX) -> dict:
-    """Branch fractions, overall and per tile position, for S = extract_max, from ``simulate``'s output."""
-    valid = branches >= 0
+def fractions(sim: dict) -> dict:
+    """Step statistics from ``simulate``: the fraction of steps that end in a flush (the only steps that
+    sort), the rounds of a tile half (mean and histogram), overall and per tile position."""
+    rounds, flush = sim["rounds"], sim["flush"]
+    valid = rounds[..., 0] >= 0
     n = int(valid.sum())
+    r = rounds[valid]
     per_pos = []
-    for t in range(branches.shape[2]):
-        b = branches[:, :, t][valid[:, :, t]]
-        if b.numel():
-            per_pos.append([round(float((b == 0).float().mean()), 4),
-                            round(float(((b > 0) & (b <= extract_max)).float().mean()), 4),
-                            round(float((b > extract_max).float().mean()), 4)])
-    b = branches[valid]
-    return {"steps": n, "skip": round(float((b == 0).float().mean()), 4),
-            "extract": round(float(((b > 0) & (b <= extract_max)).float().mean()), 4),
-            "full": round(float((b > extract_max).float().mean()), 4),
-            "extract_rounds_hist": [int((b == r).sum()) for r in range(1, extract_max + 1)],
-            "per_tile_position_skip_extract_full": per_pos}
+    for t in range(rounds.shape[2]):
+        v = valid[:, :, t]
+        if v.any():
+            per_pos.append([round(float(flush[:, :, t][v].float().mean()), 4),
+                            round(float(rounds[:, :, t][v].float().mean()), 2)])
+    hist = torch.bincount(r.flatten().clamp(max=32), minlength=33)
+    return {"steps": n, "flush": round(float(flush[valid].float().mean()), 4),
+            "no_flush": round(1 - float(flush[valid].float().mean()), 4),
+            "mean_rounds_per_half": round(float(r.float().mean()), 3),
+            "rounds_hist_0_to_32": hist.tolist(),
+            "per_tile_position_flush_rounds": per_pos}
 
 
 def _positions_summary(per_pos: list, tiles: int) -> dict:
@@ -158,24 +186,21 @@ def real_scores(run: Path, n_tokens: int, device: str = "cpu") -> tuple[dict, di
 def stats_for(z: torch.Tensor, ks, block_ms, block_n: int, chunks_list) -> list:
     rows = []
     M = z.shape[1]
+    cfg = enc.Config
     for k in ks:
         for bm in block_ms:
-            if bm < enc._kp(k):
-                continue
             tiles = -(-M // bm)
             for chunks in chunks_list:
                 per = -(-tiles // chunks)
-                most = simulate(z, k, block_n, bm, per)
-                row = {"k": k, "BLOCK_N": block_n, "BLOCK_M": bm, "chunks": chunks, "tiles_per_chunk": per}
-                for S in (4, 8, 16):
-                    f = fractions(most, S)
-                    row[f"S={S}"] = {"skip": f["skip"], "extract": f["extract"], "full": f["full"],
-                                     "skip_or_extract": round(f["skip"] + f["extract"], 4),
-                                     "extract_rounds_hist": f["extract_rounds_hist"],
-                                     "per_position": _positions_summary(f["per_tile_position_skip_extract_full"], per)}
-                    print(f"  k={k} BM={bm} chunks={chunks} S={S}: skip {f['skip']:.3f} extract {f['extract']:.3f} "
-                          f"full {f['full']:.3f}", flush=True)
-                rows.append(row)
+                sim = simulate(z, k, block_n, bm, per, flush_at=cfg.FLUSH_AT, flush_rows=cfg.FLUSH_ROWS)
+                f = fractions(sim)
+                rows.append({"k": k, "BLOCK_N": block_n, "BLOCK_M": bm, "chunks": chunks, "tiles_per_chunk": per,
+                             "FLUSH_AT": cfg.FLUSH_AT, "steps": f["steps"], "no_flush": f["no_flush"],
+                             "flush": f["flush"], "mean_rounds_per_half": f["mean_rounds_per_half"],
+                             "rounds_hist_0_to_32": f["rounds_hist_0_to_32"],
+                             "per_position_flush_rounds": _positions_summary(f["per_tile_position_flush_rounds"], per)})
+                print(f"  k={k} BM={bm} chunks={chunks}: no flush {f['no_flush']:.3f}, "
+                      f"{f['mean_rounds_per_half']} rounds per half", flush=True)
     return rows
 
 
@@ -188,25 +213,25 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"kernel_extract_max_S": enc.EXTRACT_MAX, "fractions_for_S": [4, 8, 16], "block_n": "128 unless named",
-              "note": "branch fractions of (row block, chunk, tile) steps, from replaying the kernel's gating in "
-                      "torch (benchmarks/survivor_stats.py); not timings"}
+    result = {"FLUSH_AT": enc.Config.FLUSH_AT, "FLUSH_ROWS": enc.Config.FLUSH_ROWS, "block_n": "128 unless named",
+              "note": "per (row block, chunk, tile) step: the fraction that ends in a flush (the only steps that "
+                      "sort) and the append rounds per tile half, from replaying the kernel's gate in torch "
+                      "(benchmarks/survivor_stats.py); not timings"}
     if not args.synthetic_only:
         scores, facts = real_scores(args.run, args.tokens)
         result["real"] = {"facts": facts}
         for variant, z in scores.items():
             print(f"real {variant}: {tuple(z.shape)}", flush=True)
             M = z.shape[1]
-            result["real"][variant] = stats_for(z, (32, 64, 128), (64, 128), 128, (1, 4))
-            # 64-row blocks (the sm_80 configuration at KP <= 32): the block-wide maximum is over fewer rows
-            result["real"][variant + " (BLOCK_N 64)"] = stats_for(z, (32, 64), (64,), 64, (1, 4))
+            # 256-latent tiles (sm_90a) and 128 (sm_80), one chunk and four
+            result["real"][variant] = stats_for(z, (32, 64, 128), (128, 256), 128, (1, 4))
             # the same sizes with the latent order shuffled: how far real data is from random order
             perm = torch.randperm(M, generator=torch.Generator().manual_seed(0))
-            result["real"][variant + " (latents shuffled)"] = stats_for(z[:, perm], (32,), (64,), 128, (1,))
+            result["real"][variant + " (latents shuffled)"] = stats_for(z[:, perm], (32,), (256,), 128, (1,))
     result["adversarial"] = {}
     for name, z in adversarial(512, 4096, 32).items():
         print(f"adversarial: {name}", flush=True)
-        result["adversarial"][name] = stats_for(z, (32,), (64,), 128, (1,))
+        result["adversarial"][name] = stats_for(z, (32,), (256,), 128, (1,))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -4,8 +4,8 @@ Without a GPU the kernels run under ``TRITON_INTERPRET=1`` (set by conftest.py) 
 fp32 and fp16 (the interpreter's bf16 ``tl.dot`` is wrong, so the backend refuses bf16 there:
 tests/test_triton_sparse.py checks that for every op). The
 interpreter runs the same code a GPU runs: the sorting networks are written with builtins only
-(no ``tl.topk``), so every KP (16..128), the threshold gate and each of its branches (skip, extract,
-full sort) run here. Small shapes, odd sizes, small block overrides for several row blocks, tiles and
+(no ``tl.topk``), so every KP (16..128), the threshold gate (append rounds per quad group, flushes
+at the FLUSH_AT boundary and at the chunk's end) run here. Small shapes, odd sizes, small block overrides for several row blocks, tiles and
 chunks, k = 1, k = KP, k = M, the chunked fallback beyond k = 128, ties, NaN, adversarial orders.
 The gated kernel is compared bit for bit with the ungated one (``_gate=False``) and, on exact
 (integer) scores, index for index with an independent stable sort.
@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import binsparse_kernels as bk
 from binsparse_kernels.backends import reference
@@ -297,9 +299,6 @@ def test_independent_of_the_tiling():
 # ungated kernel and index for index against an independent stable sort
 # ------------------------------------------------------------------------------------------------
 
-S = enc.EXTRACT_MAX
-
-
 def scores_as_params(z, dtype=torch.float32):
     """Inputs whose binary scores are exactly z [N, M] (integers, or NaN via x): x = I (d = N), W = z^T,
     b = theta = 0, so every score is one exact product."""
@@ -334,17 +333,23 @@ def assert_exact(p, k, z, cfg=None, per_chunk=None, binary=True):
     torch.testing.assert_close(values.cpu(), ev, atol=0, rtol=0, equal_nan=True)
 
 
-def replay_most(z, k, cfg, per_chunk):
-    """The block's largest survivor count per (row block, chunk, tile), from benchmarks/survivor_stats.py's
-    torch replay of the gate: confirms which branch each constructed input drives the kernel through."""
+def replay(z, k, cfg, per_chunk=None):
+    """Per step the append rounds of each tile half and whether the step ends in a flush, from
+    benchmarks/survivor_stats.py's torch replay of the gate (row block 0, chunk 0): confirms which path
+    each constructed input drives the kernel through."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import survivor_stats
 
     tiles = -(-z.shape[1] // cfg.BLOCK_M)
-    return survivor_stats.simulate(z.float(), k, cfg.BLOCK_N, cfg.BLOCK_M, per_chunk or tiles)
+    sim = survivor_stats.simulate(z.float(), k, cfg.BLOCK_N, cfg.BLOCK_M, per_chunk or tiles,
+                                  flush_at=cfg.FLUSH_AT, flush_rows=cfg.flush_shape(enc._kp(k))[0])
+    return sim["rounds"][0, 0].tolist(), sim["flush"][0, 0].tolist()
 
 
-G16 = Config(16, 32, 16, 4, 1)  # 16 rows, 32-latent tiles (KP 16: k <= 16)
+# 16 rows, 32-latent tiles (halves of 16: a group q of a half is its columns 2q, 2q + 1, 8 + 2q, 9 + 2q),
+# KP 16 (k <= 16), a flush once a group buffer holds more than 2 keys, 8-row flush steps
+G16 = Config(16, 32, 16, 4, 1, FLUSH_AT=2, FLUSH_ROWS=8, FLUSH_COLS=16)
+G64 = Config(16, 64, 16, 4, 1, FLUSH_AT=4, FLUSH_ROWS=8)  # 64-latent tiles, KP up to 64
 
 
 def falling(N, M):
@@ -352,38 +357,79 @@ def falling(N, M):
     return (torch.arange(M, 0, -1).float()[None, :] * 4 + torch.arange(N).float()[:, None]).contiguous()
 
 
-@pytest.mark.parametrize("survivors", [S, S + 1], ids=lambda n: f"{n}-survivors")
-def test_gate_extract_boundary_exactly_s_and_s_plus_one_survivors(survivors):
-    # falling scores (tile 1 on: nothing survives), then in tile 2 one row gets exactly `survivors`
-    # scores above its threshold: S takes the extract branch, S + 1 the full sort.
-    N, M, k = 16, 32 * 4, 5
+def test_gate_rounds_groups_and_flushes():
+    # falling scores: tile 0 appends every score (4 rounds per half: each group holds 4 columns) and
+    # flushes; then survivors placed by hand (above every other score):
+    N, M, k = 16, 32 * 6, 5
     z = falling(N, M)
-    z[3, 64:64 + survivors] = 10_000 + torch.arange(survivors).float()  # above every other score
-    z[9, 70] = 9_000  # another row with one survivor in the same tile
-    most = replay_most(z, k, G16, None)
-    assert most[0, 0].tolist() == [32, 0, survivors, 0]  # full, skip, extract (S) or full (S + 1), skip
+    z[3, [34, 35, 42]] = 10_000 + torch.arange(3).float()  # tile 1, half 0: 3 in row 3's group 1 -> 3 rounds
+    z[9, [48, 50, 52, 54]] = 10_000  # tile 1, half 1: one in each group of row 9 -> 1 round, 4 keys
+    z[5, 119] = 10_001  # tile 3, half 1, group 3 of row 5
+    z[5, 134] = 10_002  # tile 4, half 0, group 3 of row 5: its fill reaches 2 = FLUSH_AT, no flush
+    rounds, flushes = replay(z, k, G16)
+    assert rounds == [[4, 4], [3, 1], [0, 0], [0, 1], [1, 0], [0, 0]]
+    # row 3's group 1 holds 3 > FLUSH_AT keys after tile 1: a flush; row 5's keys wait for the chunk's end
+    assert flushes == [True, True, False, False, False, True]
+    for per_chunk in (None, 2, 4):  # one chunk; chunks of 2 and 4 tiles (each starts with an empty list)
+        assert_exact(scores_as_params(z), k, z, G16, per_chunk)
+
+
+@pytest.mark.parametrize("fill", [G16.FLUSH_AT, G16.FLUSH_AT + 1], ids=lambda n: f"fill{n}")
+def test_gate_flush_boundary_exactly_flush_at_and_one_more(fill):
+    # one group of row 3 collects `fill` keys over tiles 1 and 2: FLUSH_AT of them wait for the chunk's
+    # end, FLUSH_AT + 1 make tile 2 flush
+    N, M, k = 16, 32 * 5, 5
+    z = falling(N, M)
+    z[3, 32] = 10_000  # tile 1, half 0, group 0
+    z[3, [64, 65, 72][:fill - 1]] = 10_001 + torch.arange(fill - 1).float()  # tile 2, half 0, group 0
+    rounds, flushes = replay(z, k, G16)
+    assert rounds == [[4, 4], [1, 0], [fill - 1, 0], [0, 0], [0, 0]]
+    assert flushes == ([True, False, True, False, False] if fill > G16.FLUSH_AT else [True, False, False, False, True])
     assert_exact(scores_as_params(z), k, z, G16)
 
 
-def test_gate_every_branch_in_one_chunk_and_across_chunks():
-    N, M, k = 16, 32 * 9, 7
-    z = falling(N, M)
-    z[:, 100] = 20_000  # every row: one survivor in tile 3 (extract, 1 round)
-    z[5, 130:133] = 20_001  # row 5: three more in tile 4 (extract, 3 rounds)
-    z[:, 200:232] = 30_000 + torch.arange(32).float()  # tile 6: the whole tile beats every list (full)
-    most = replay_most(z, k, G16, None)[0, 0].tolist()
-    assert most == [32, 0, 0, 1, 3, 0, 24, 8, 0]  # full, skip x2, extract 1 and 3 rounds, skip, full, extract 8 (S)
-    for per_chunk in (None, 2, 4):  # one chunk; chunks of 2 and 4 tiles (each chunk starts full)
+@triton.jit
+def _in_range_bits_kernel(out_ptr, first, M, HALF: tl.constexpr):
+    tl.store(out_ptr + tl.arange(0, 4), enc._in_range_bits(first, M, HALF).to(tl.int64))
+
+
+@pytest.mark.parametrize("half", [8, 16, 128])
+def test_in_range_bits_mark_exactly_the_latents_below_m(half):
+    # group q's bit 2 j + b stands for column 8 j + 2 q + b of the half tile starting at latent 1000
+    out = torch.empty(4, dtype=torch.int64, device=DEV)
+    for n in range(-3, half + 4):  # latents of the half below M: none, some, all
+        _in_range_bits_kernel[(1,)](out, 1000, 1000 + n, HALF=half)
+        want = [sum(1 << (2 * j + b) for j in range(half // 8) for b in (0, 1) if 8 * j + 2 * q + b < n)
+                for q in range(4)]
+        assert out.tolist() == want, n
+
+
+def test_gate_stays_inside_its_candidate_buffers(monkeypatch):
+    # the scratch the launcher allocates, with a guard after it and every word poisoned: the kernel must
+    # write nothing past it, and read nothing it did not write (a poisoned read would change the result)
+    guards = []
+
+    def guarded(words, device):
+        buf = torch.full((words + 4096,), -12345, dtype=torch.int32, device=device)
+        guards.append((buf, words))
+        return buf
+
+    monkeypatch.setattr(enc, "_candidate_buffers", guarded)
+    N, M = 37, 32 * 7 + 5  # three row blocks (the last one partial), a partial last tile
+    z = torch.randint(-50, 50, (N, M), generator=torch.Generator().manual_seed(3)).float()
+    for k, per_chunk in ((5, None), (16, 3)):
         assert_exact(scores_as_params(z), k, z, G16, per_chunk)
+    for buf, words in guards:
+        assert (buf[words:] == -12345).all(), "the kernel wrote past its candidate buffers"
 
 
 @pytest.mark.parametrize("order", ["rising", "falling", "all-equal", "ties-at-tau", "nan-rows", "random-integer"])
 @pytest.mark.parametrize("k", [1, 16, 40], ids=lambda k: f"k{k}")
 def test_gate_adversarial_orders(order, k):
     # k = 1, k = KP (16) and a KP = 64 list; two row blocks (N = 21), odd M, one and several chunks
-    N, M = 21, 32 * 5 + 13  # odd, and the tail tile still wider than S
+    N, M = 21, 32 * 5 + 13  # odd, the tail tile's second half partly past M
     g = torch.Generator().manual_seed(k)
-    if order == "rising":  # every tile beats the running list: the full sort every time
+    if order == "rising":  # every tile beats the running list: every score appended, a flush every tile
         z = (torch.arange(M).float()[None, :] + torch.randint(0, 3, (N, 1), generator=g)).expand(N, M).clone()
     elif order == "falling":
         z = falling(N, M)
@@ -399,12 +445,16 @@ def test_gate_adversarial_orders(order, k):
     if order == "nan-rows":
         p["x"][[2, 19], [2, 19]] = math.nan  # rows 2 and 19 score NaN everywhere
         z[[2, 19]] = math.nan
-    cfg = G16 if k <= 16 else Config(16, 64, 16, 4, 1)
+    cfg = G16 if k <= 16 else G64
     for per_chunk in (None, 2):
         assert_exact(p, k, z, cfg, per_chunk)
     if order == "rising":
-        most = replay_most(z, k, cfg, None)
-        assert (most[most >= 0] > S).all()
+        rounds, flushes = replay(z, k, cfg)
+        assert all(r == [cfg.BLOCK_M // 8] * 2 for r in rounds[:-1]) and all(flushes)
+    if order == "all-equal":  # (a ReLU coder's zeros): once the first tile fills the list, ties lose
+        rounds, flushes = replay(z, k, cfg)
+        assert rounds[0] == [cfg.BLOCK_M // 8] * 2 and all(r == [0, 0] for r in rounds[1:])
+        assert flushes == [True] + [False] * (len(flushes) - 1)
 
 
 def test_gate_k_equal_m_and_nan_columns():
@@ -475,7 +525,8 @@ def test_chunk_count_keeps_a_waves_x_in_l2():
     assert enc._n_chunks(16384, 36864, 576, 2, cfg.BLOCK_N, cfg.BLOCK_M, cpu)[1] == 1
     per, chunks = enc._n_chunks(16384, 131072, 2048, 2, cfg.BLOCK_N, cfg.BLOCK_M, cpu)
     assert chunks >= 3 and -(-132 // chunks) * cfg.BLOCK_N * 2048 * 2 <= 25 * 2**20
-    assert enc._n_chunks(64, 100_000, 576, 2, cfg.BLOCK_N, cfg.BLOCK_M, cpu)[1] >= 100
+    # small N: about one program per SM (the chunk length rounds: 98 chunks of 4 tiles here)
+    assert enc._n_chunks(64, 100_000, 576, 2, cfg.BLOCK_N, cfg.BLOCK_M, cpu)[1] >= 0.7 * 132
 
 
 def test_key_encoding_round_trips_and_orders():
@@ -521,7 +572,8 @@ arch = int(sys.argv[1])
 rows, failures = [], []
 launches = enc.aot_launches(arch)
 jobs = [(fn, sig, cx, opts, "launched") for fn, sig, cx, opts in launches]
-jobs += [(fn, sig, cx, opts, "unspecialised") for fn, sig, cx, opts in launches]
+# unspecialised (unaligned pointers, D % 16 != 0): every configuration but fp16's, the bf16 ones' twins
+jobs += [(fn, sig, cx, opts, "unspecialised") for fn, sig, cx, opts in launches if sig.get("x_ptr") != "*fp16"]
 fn, sig, cx, opts = launches[0]
 jobs.append((fn, sig, cx, opts, "D=1"))
 for fn, sig, cx, opts, variant in jobs:
@@ -552,8 +604,8 @@ def test_aot_launches_cover_what_the_wrapper_launches(monkeypatch):
 
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                types = {n: f"*{enc._DTYPE_ARG.get(a.dtype, 'i64')}" if a.dtype != torch.int64 else "*i64"
-                         for n, a in zip(self.fn.arg_names, args) if isinstance(a, torch.Tensor)}
+                names = {**enc._DTYPE_ARG, torch.int64: "i64", torch.int32: "i32"}
+                types = {n: f"*{names[a.dtype]}" for n, a in zip(self.fn.arg_names, args) if isinstance(a, torch.Tensor)}
                 opts = {o: kw.pop(o) for o in ("num_warps", "num_stages") if o in kw}
                 launched.append((self.fn.__name__, types, kw, opts))
             return launch
@@ -578,8 +630,8 @@ def test_aot_launches_cover_what_the_wrapper_launches(monkeypatch):
 
 def test_every_kernel_configuration_compiles_for_sm90_and_sm80():
     # Every launch configuration, compiled as a real launch at d = 576 specialises it (16-byte aligned
-    # pointers, D % 16 == 0) and unspecialised, plus D = 1 as a constant, for sm_90a and sm_80; the
-    # launched variant must not spill (a spill in the sort would cost more than the sort itself).
+    # pointers, D % 16 == 0) and unspecialised (fp16 configurations only as launched: the same code as
+    # bf16's), plus D = 1 as a constant, for sm_90a and sm_80; the launched variant must not spill.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     procs = [subprocess.Popen([sys.executable, "-c", _AOT_SCRIPT, str(arch), str(ROOT / "benchmarks")], env=env,
@@ -590,8 +642,9 @@ def test_every_kernel_configuration_compiles_for_sm90_and_sm80():
         assert proc.returncode == 0, err[-4000:]
         result = json.loads(out.strip().splitlines()[-1])
         assert not result["failures"], result["failures"]
-        n = len(enc.aot_launches(arch))
-        assert len(result["rows"]) == 2 * n + 1
+        launches = enc.aot_launches(arch)
+        fp16 = sum(1 for _, sig, _, _ in launches if sig.get("x_ptr") == "*fp16")
+        assert len(result["rows"]) == 2 * len(launches) - fp16 + 1
         for name, variant, cx, res in result["rows"]:
             if variant == "launched":
                 assert res["stack"] == 0 and res["spill_ops"] == 0, f"sm_{arch} {name} {cx} spills: {res}"

@@ -5,18 +5,27 @@ Design (an exact split-M partial top-k with a threshold gate, kernel-design-note
 benchmarks/TRITON_NOTES_encode.md has the evidence):
 
 1. ``_encode_partial_kernel``: one program per (block of ``BLOCK_N`` rows) x (chunk of latents), the
-   chunk index fastest in the 1-D grid. It walks its chunk in ``BLOCK_M``-latent tiles; each tile is a
-   ``tl.dot`` GEMM over ``d`` in ``BLOCK_K`` steps (tensor cores for bf16/fp16, fp32 FMAs for fp32 with
-   ``input_precision="ieee"``, never TF32), accumulated in fp32, plus ``b_enc`` and minus theta
-   (binary) or ReLU (continuous). A running top-``KP`` list of int64 *keys* (below) per row, ascending,
-   lives in registers, with a float threshold tau per row: the list's k-th best score, below which no
-   score can enter the row's top k. Per tile the scores not below tau survive; the block's largest
-   survivor count picks one branch: none -> skip the tile; at most ``EXTRACT_MAX`` -> take the
-   survivors out by that many rounds of a row max; more -> cut the tile to its top KP with a bitonic
-   top-k. Either list is folded into the running one by one bitonic merge (the element-wise max of an
-   ascending and a descending list holds the top KP of both and is bitonic). The result is bit for
-   bit that of sorting every tile (``GATE=False``, the tests' baseline). The chunk's list goes to a
-   scratch buffer of ``N * n_chunks * KP`` int64: O(N*k), never O(N*M).
+   chunk index fastest in the 1-D grid. It walks its chunk in ``BLOCK_M``-latent tiles, each two column
+   halves: two ``tl.dot`` GEMMs over ``d`` in ``BLOCK_K`` steps sharing x's block (tensor cores for
+   bf16/fp16, fp32 FMAs for fp32 with ``input_precision="ieee"``, never TF32), accumulated in fp32, plus
+   ``b_enc`` and minus theta (binary) or ReLU (continuous). Each row has a running top-``KP`` list of
+   int64 *keys* (below), ascending, kept in this program's slots of the keys output, and a float
+   threshold tau: the list's k-th best score; a later score that does not beat it cannot enter the
+   row's top k (a tie loses: its latent is higher than every listed one's).
+   **The gate** (``_append``): every score above tau is appended, as its float bits and latent, to
+   one of the row's four candidate buffers (per-program global scratch), the one of its quad group (the
+   columns a thread holds in a tensor-core accumulator), so no data moves between threads; a tile half
+   costs as many append rounds as the block's fullest group has survivors (usually 0-2). **The flush**
+   (``_flush``), only when a group buffer may not hold the next tile's survivors (more than
+   ``FLUSH_AT``) or at the chunk's end: per ``FLUSH_ROWS`` rows, the buffered keys cut to their top KP
+   by a bitonic top-k and folded into the running list by one bitonic merge (the element-wise max of
+   an ascending and a descending list holds the top KP of both and is bitonic); then tau is re-read.
+   The result is bit for bit that of sorting every tile (``GATE=False``, the tests' baseline): keys
+   are unique, and every key of the chunk's top k is >= the chunk's k-th key >= the listed k-th key
+   when it arrives; a chunk is walked in latent order, so a score equal to tau (the listed k-th's)
+   has the lower key and is dropped: ties at tau, e.g. a ReLU coder's zeros once a row has k, cost
+   nothing.
+   The chunk's list stays in the keys output, ``N * n_chunks * KP`` int64: O(N*k), never O(N*M).
 2. ``_merge_kernel``: one program per block of rows folds the ``n_chunks`` partial lists the same way
    (each next list read back to front, i.e. descending), decodes the keys and writes the largest ``k``
    values (float32) and indices (int64), largest first.
@@ -167,53 +176,153 @@ def _fold(running, top, LOG_R: tl.constexpr, LOG_KP: tl.constexpr, DESCENDING: t
 
 
 @triton.jit
-def _tile_top(s, lat, lat_ok, LOG_R: tl.constexpr, LOG_C: tl.constexpr, LOG_K: tl.constexpr, HALVES: tl.constexpr):
-    """The top 2^LOG_K keys of each row of the scores s [2^LOG_R, 2^LOG_C] (latents lat), descending.
-    HALVES: the two column halves are cut to their top 2^LOG_K one after the other (one ascending, one
-    descending) and merged, so only half the tile's int64 keys are live at once (what lets 128 x 128
-    tiles fit in registers)."""
-    if HALVES:
-        R: tl.constexpr = 2**LOG_R
-        H: tl.constexpr = 2**(LOG_C - 1)
-        s0, s1 = tl.split(tl.permute(tl.reshape(s, [R, 2, H]), (0, 2, 1)))
-        l0, l1 = tl.split(tl.permute(tl.reshape(lat, [2, H]), (1, 0)))
-        ok0, ok1 = tl.split(tl.permute(tl.reshape(lat_ok, [2, H]), (1, 0)))
-        k0 = tl.where(ok0[None, :], _scores_to_keys(s0, l0[None, :]), _SENTINEL)
-        t0 = _topk_desc(k0, LOG_R, LOG_C - 1, LOG_K, False)
-        k1 = tl.where(ok1[None, :], _scores_to_keys(s1, l1[None, :]), _SENTINEL)
-        t1 = _topk_desc(k1, LOG_R, LOG_C - 1, LOG_K, True)
-        return _fold(t0, t1, LOG_R, LOG_K, True)
+def _scores(acc, bias, theta, binary):
+    """The accumulator of a tile -> its scores: plus b_enc, minus theta (binary) or ReLU (continuous)."""
+    s = acc + bias[None, :]
+    if binary != 0:  # a uniform runtime branch: one compiled kernel for both encoders
+        s = s - theta[None, :]
     else:
-        keys = tl.where(lat_ok[None, :], _scores_to_keys(s, lat[None, :]), _SENTINEL)
-        return _topk_desc(keys, LOG_R, LOG_C, LOG_K, True)
+        s = tl.where(s <= 0.0, 0.0, s)  # ReLU that keeps NaN (NaN <= 0 is false)
+    return s
 
 
 @triton.jit
-def _gate_threshold(running, k, KP: tl.constexpr):
-    """The float threshold of each row: scores below it cannot enter the row's top k (exact superset).
+def _popcount(x):
+    """Set bits of each uint32 (SWAR)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return (x * 0x01010101) >> 24
+
+
+@triton.jit
+def _pick(v, low, R: tl.constexpr, LOG_J: tl.constexpr):
+    """v [R, 2**LOG_J, 4, 2] -> ([R, 4], [R, 4]): per (row, group) the entry at position p = 2 j + b, given
+    as its bit ``low = 1 << p`` (uint32), and its column offset 8 j + b; a tree of selects (one select
+    per entry), each level's choice one test of ``low`` against a constant."""
+    J: tl.constexpr = 2**LOG_J
+    v0, v1 = tl.split(v)
+    odd = (low & 0xAAAAAAAA) != 0  # b
+    v = tl.where(odd[:, None, :], v1, v0)  # [R, J, 4]
+    offset = odd.to(tl.int32)
+    for i in tl.static_range(LOG_J):
+        # the positions whose bit i + 1 is set (0xCCCCCCCC for i = 0, 0xF0F0F0F0, ...)
+        take = (low & (0xFFFFFFFF - 0xFFFFFFFF // ((1 << (2 << i)) + 1))) != 0  # bit i of j
+        w0, w1 = tl.split(tl.permute(tl.reshape(v, [R, J >> (i + 1), 2, 4]), (0, 1, 3, 2)))
+        v = tl.where(take[:, None, :], w1, w0)
+        offset += tl.where(take, 8 << i, 0)
+    return tl.reshape(v, [R, 4]), offset
+
+
+@triton.jit
+def _in_range_bits(first, M, HALF: tl.constexpr):
+    """uint32 [4]: per group q the bits (2 j + b) of its columns 8 j + 2 q + b that are latents below M
+    (``first`` is the half tile's first latent): all of them except in the last tile."""
+    n = tl.minimum(tl.maximum(M - first, 0), HALF)
+    q = tl.arange(0, 4)
+    even = tl.minimum(tl.maximum(n - 2 * q + 7, 0) // 8, HALF // 8)  # columns 8 j + 2 q below n
+    odd = tl.minimum(tl.maximum(n - 2 * q + 6, 0) // 8, HALF // 8)  # columns 8 j + 2 q + 1 below n
+    one = tl.full((4,), 1, tl.uint64)
+    lows = ((one << (2 * even).to(tl.uint64)) - 1) & 0x55555555
+    highs = ((one << (2 * odd).to(tl.uint64)) - 1) & 0xAAAAAAAA
+    return (lows | highs).to(tl.uint32)
+
+
+@triton.jit
+def _append(s, lat0, M, tau, fill, group_slot, buf, GROUP_WIDTH: tl.constexpr, LATENTS: tl.constexpr,
+            BLOCK_N: tl.constexpr, LOG_J: tl.constexpr):
+    """The gate: every score of s [BLOCK_N, 2**LOG_J * 8] (latents lat0, lat0 + 1, ...) that can still
+    enter its row's list is appended to one of the row's four candidate buffers; returns the buffers'
+    new fills [BLOCK_N, 4]. That is a score above tau, every NaN (NaN keys beat every number; a NaN at
+    the k-th slot makes tau +inf and a later NaN's key is lower, so surviving is only a harmless
+    superset), and every score while the list is not full (tau is NaN then, so even -inf passes). A
+    score equal to tau loses to the listed k-th key, whose latent is lower (-0.0 and +0.0 tie, as in
+    the keys)
+
+    Column 8 j + 2 q + b of a row belongs to group q (q < 4): the columns a thread holds in the
+    accumulator of a tensor-core dot (wgmma and mma.sync give lane q of a quad columns 8 j + 2 q + b), so
+    a group's survivors are one thread's, found without moving data between threads. Per group a bit mask
+    of its survivors (bit 2 j + b); then, as many rounds as the block's largest group count, every group
+    takes its lowest set bit, selects that score (_pick) and writes its bits at ``buf + group_slot + fill x
+    BLOCK_N`` and its latent LATENTS further on (a group with nothing left writes to its buffer's last
+    slot, never read), and its fill grows. The keys are made when the buffers are flushed."""
+    J: tl.constexpr = 2**LOG_J
+    s4 = tl.reshape(s, [BLOCK_N, J, 4, 2])
+    j = tl.arange(0, J)[None, :, None, None]
+    b = tl.arange(0, 2)[None, None, None, :]
+    # one compare: not (s <= tau) is true for s > tau, for a NaN s, and for every s when tau is NaN
+    surv = tl.where(~(s4 <= tau[:, None, None, None]), tl.full((1, J, 1, 2), 1, tl.uint32) << (2 * j + b).to(tl.uint32), 0)
+    # [BLOCK_N, 4]: the bits are distinct, so their sum is their union
+    mask = tl.sum(tl.sum(surv, axis=3), axis=1) & _in_range_bits(lat0, M, 8 * J)[None, :]
+    bits = s4.to(tl.int32, bitcast=True)
+    q = tl.arange(0, 4)[None, :]
+    for _ in range(tl.max(tl.max(_popcount(mask), axis=1), axis=0)):
+        low = mask & (0 - mask)  # the lowest set bit
+        mask = mask ^ low
+        score, offset = _pick(bits, low, BLOCK_N, LOG_J)
+        slot = buf + group_slot + tl.where(low != 0, fill, GROUP_WIDTH - 1) * BLOCK_N
+        tl.store(slot, score)
+        tl.store(slot + LATENTS, lat0 + 2 * q + offset)
+        fill += (low != 0).to(tl.int32)
+    return fill
+
+
+@triton.jit
+def _flush(buf, fills, lists, list_stride, rows_left,
+           BLOCK_N: tl.constexpr, KP: tl.constexpr, GROUP_WIDTH: tl.constexpr, LATENTS: tl.constexpr,
+           FLUSH_ROWS: tl.constexpr,
+           FLUSH_COLS: tl.constexpr, LOG_KP: tl.constexpr, LOG_FR: tl.constexpr, LOG_FC: tl.constexpr):
+    """Fold every buffered candidate into the running lists: per group of FLUSH_ROWS rows, the running
+    lists (ascending, in the keys buffer) and, FLUSH_COLS / 4 candidates of each of a row's four buffers
+    at a time, their keys cut to the top KP (descending) and folded in; the lists go back to the keys
+    buffer."""
+    FQ: tl.constexpr = FLUSH_COLS // 4
+    slots = tl.arange(0, KP)
+    q = tl.arange(0, 4)[None, :, None]
+    c = tl.arange(0, FQ)[None, None, :]
+    for g in range(0, BLOCK_N, FLUSH_ROWS):
+        r = g + tl.arange(0, FLUSH_ROWS)
+        fill = tl.load(fills + r[:, None] * 4 + tl.arange(0, 4)[None, :])  # [FLUSH_ROWS, 4]
+        lst = lists + r.to(tl.int64)[:, None] * list_stride + slots[None, :]
+        r_ok = r < rows_left
+        running = tl.load(lst, mask=r_ok[:, None], other=_SENTINEL)
+        cand = buf + q * (GROUP_WIDTH * BLOCK_N) + r[:, None, None]
+        for c0 in range(0, tl.max(tl.max(fill, axis=1), axis=0), FQ):
+            at = cand + (c0 + c) * BLOCK_N
+            ok = c0 + c < fill[:, :, None]
+            score = tl.load(at, mask=ok, other=0).to(tl.float32, bitcast=True)
+            keys = tl.where(ok, _scores_to_keys(score, tl.load(at + LATENTS, mask=ok, other=0)), _SENTINEL)
+            top = _topk_desc(tl.reshape(keys, [FLUSH_ROWS, FLUSH_COLS]), LOG_FR, LOG_FC, LOG_KP, True)
+            running = _fold(running, top, LOG_FR, LOG_KP)
+        tl.store(lst, running, mask=r_ok[:, None])
+
+
+@triton.jit
+def _threshold(kth_keys, row_ok):
+    """The float threshold of each row (``kth_keys``: pointers to each row's k-th best key), for
+    ``_append``'s exact gate.
 
     The running list's k-th best key (slot KP - k of the ascending list) is a lower bound of the
-    chunk's final k-th key, so a score whose key is below it can be dropped. As a float: a score s
-    survives unless ``s < tau``; tau = -inf while the slot is the sentinel (the list is not full: all
-    survive), +inf when the k-th key is a NaN (only NaN scores, and +inf, survive), else the k-th score.
-    The float test keeps a superset of the keys above the k-th (equal scores with higher indices, and
-    -0.0 against +0.0, survive too); the keys settle them.
+    chunk's final k-th key, so a later score whose key is below it can be dropped. tau = NaN while the
+    slot is the sentinel (the list is not full: all survive), +inf when the k-th key is a NaN
+    (only NaN scores survive), else the k-th score. Rows past N get +inf: nothing to buffer.
     """
-    slots = tl.arange(0, KP)
-    kth = tl.max(tl.where(slots[None, :] == KP - k, running, _SENTINEL), axis=1)
+    kth = tl.load(kth_keys, mask=row_ok, other=_SENTINEL)
     score, _ = _keys_to_scores(kth)
     tau = tl.where(score != score, float("inf"), score)
-    return tl.where(kth == _SENTINEL, float("-inf"), tau)  # (the sentinel decodes to a NaN)
+    tau = tl.where(kth == _SENTINEL, float("nan"), tau)  # not full: NaN, every score passes
+    return tl.where(row_ok, tau, float("inf"))
 
 
 @triton.jit(do_not_specialize=["N", "M", "k", "tiles_per_chunk", "n_chunks", "binary"])
 def _encode_partial_kernel(
-    x_ptr, w_ptr, b_ptr, t_ptr, keys_ptr,
+    x_ptr, w_ptr, b_ptr, t_ptr, keys_ptr, buf_ptr,
     N, M, D, k, tiles_per_chunk, n_chunks, binary,
     IEEE: tl.constexpr, KP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     LOG_KP: tl.constexpr, LOG_BN: tl.constexpr, LOG_BM: tl.constexpr,
-    GATE: tl.constexpr, EXTRACT: tl.constexpr, HALVES: tl.constexpr,
+    GATE: tl.constexpr, FLUSH_AT: tl.constexpr, FLUSH_ROWS: tl.constexpr, FLUSH_COLS: tl.constexpr,
+    LOG_FR: tl.constexpr, LOG_FC: tl.constexpr,
 ):
     # chunk index fastest: the programs of a wave share row blocks (x stays in L2), see _n_chunks
     pid = tl.program_id(0)
@@ -223,65 +332,97 @@ def _encode_partial_kernel(
     row_ok = rows < N
     ks = tl.arange(0, BLOCK_K)
     slots = tl.arange(0, KP)
+    HALF: tl.constexpr = BLOCK_M // 2
+    halves = tl.arange(0, HALF)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * D
+    list_stride = n_chunks * KP
+    lists = keys_ptr + (pid_n.to(tl.int64) * BLOCK_N * n_chunks + pid_c) * KP  # this block's first list
 
-    running = tl.full((BLOCK_N, KP), _SENTINEL, tl.int64)
-    tau = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    if GATE:
+        # a row's four candidate buffers, each room for FLUSH_AT keys, one more tile's (BLOCK_M / 4) and
+        # a last slot that takes the stores of groups with nothing to append, slot-major ([4, GROUP_WIDTH,
+        # BLOCK_N]: a flush reads each slot of many rows at once); then the fills, [BLOCK_N, 4]
+        GROUP_WIDTH: tl.constexpr = FLUSH_AT + BLOCK_M // 4 + 1
+        LATENTS: tl.constexpr = BLOCK_N * 4 * GROUP_WIDTH  # the latents after the scores' bits
+        buf = buf_ptr + pid.to(tl.int64) * (BLOCK_N * 4 * (2 * GROUP_WIDTH + 1))
+        fills = buf + 2 * LATENTS
+        local = tl.arange(0, BLOCK_N)
+        group_slot = tl.arange(0, 4)[None, :] * (GROUP_WIDTH * BLOCK_N) + local[:, None]
+        rows_left = N - pid_n * BLOCK_N
+        fl = lists + local.to(tl.int64)[:, None] * list_stride + slots[None, :]
+        tl.store(fl, tl.full((BLOCK_N, KP), _SENTINEL, tl.int64), mask=row_ok[:, None])
+        tau = tl.where(row_ok, float("nan"), float("inf"))  # empty lists take every score
+        fill = tl.zeros((BLOCK_N, 4), tl.int32)
+    else:
+        running = tl.full((BLOCK_N, KP), _SENTINEL, tl.int64)
     chunk_start = pid_c * tiles_per_chunk * BLOCK_M
     n_tiles = tl.minimum(tiles_per_chunk, tl.cdiv(M - chunk_start, BLOCK_M))
-    for t in range(0, n_tiles):
+    for t in tl.range(0, n_tiles, disable_licm=True):  # (hoisted flush addresses would take registers)
+        # the tile is two column halves, two dots sharing x's block: half the registers per epilogue step
+        lat0 = chunk_start + t * BLOCK_M + halves
+        lat1 = lat0 + HALF
+        ok0 = lat0 < M
+        ok1 = lat1 < M
+        # issued before the k-loop, whole (a spread layout: few registers while the k-loop runs)
         lat = chunk_start + t * BLOCK_M + tl.arange(0, BLOCK_M)
-        lat_ok = lat < M
-        # issued before the k-loop, so their latency hides under it
-        bias = tl.load(b_ptr + lat, mask=lat_ok, other=0.0)
-        theta = tl.load(t_ptr + lat, mask=lat_ok, other=0.0)  # t_ptr = b_ptr when not binary (unused)
-        w_cols = w_ptr + lat.to(tl.int64)[None, :] * D  # W viewed as [BLOCK_K, BLOCK_M]
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        bias = tl.load(b_ptr + lat, mask=lat < M, other=0.0)
+        theta = tl.load(t_ptr + lat, mask=lat < M, other=0.0)  # t_ptr = b_ptr when not binary (unused)
+        w0 = w_ptr + lat0.to(tl.int64)[None, :] * D  # W viewed as [BLOCK_K, HALF]
+        w1 = w_ptr + lat1.to(tl.int64)[None, :] * D
+        acc0 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + ks
             k_ok = kk < D
             a = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_cols + kk[:, None], mask=k_ok[:, None] & lat_ok[None, :], other=0.0)
-            b = b.to(x_ptr.dtype.element_ty)  # a no-op as launched (W comes in x's dtype)
+            b0 = tl.load(w0 + kk[:, None], mask=k_ok[:, None] & ok0[None, :], other=0.0)
+            b1 = tl.load(w1 + kk[:, None], mask=k_ok[:, None] & ok1[None, :], other=0.0)
+            b0 = b0.to(x_ptr.dtype.element_ty)  # a no-op as launched (W comes in x's dtype)
+            b1 = b1.to(x_ptr.dtype.element_ty)
             if IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
+                acc0 = tl.dot(a, b0, acc0, input_precision="ieee")
+                acc1 = tl.dot(a, b1, acc1, input_precision="ieee")
             else:
-                acc = tl.dot(a, b, acc)
-        s = acc + bias[None, :]
-        if binary != 0:  # a uniform runtime branch: one compiled kernel for both encoders
-            s = s - theta[None, :]
-        else:
-            s = tl.where(s <= 0.0, 0.0, s)  # ReLU that keeps NaN (NaN <= 0 is false)
+                acc0 = tl.dot(a, b0, acc0)
+                acc1 = tl.dot(a, b1, acc1)
+        bias0, bias1 = tl.split(tl.permute(tl.reshape(bias, [2, HALF]), (1, 0)))
+        theta0, theta1 = tl.split(tl.permute(tl.reshape(theta, [2, HALF]), (1, 0)))
+        s0 = _scores(acc0, bias0, theta0, binary)
+        s1 = _scores(acc1, bias1, theta1, binary)
         if GATE:
-            # survivors: scores not below the row's threshold (NaN survives: NaN < tau is false)
-            surv = (~(s < tau[:, None])) & row_ok[:, None] & lat_ok[None, :]
-            most = tl.max(tl.sum(surv.to(tl.int32), axis=1), axis=0)  # block-uniform branch
-            if most > 0:  # else no row has a survivor: the tile is skipped
-                if most > EXTRACT:  # the tile's top KP by sorting (the ungated step)
-                    top = _tile_top(s, lat, lat_ok, LOG_BN, LOG_BM, LOG_KP, HALVES)
-                else:
-                    # at most EXTRACT survivors per row: take them out largest first (`most` rounds of
-                    # a row max of the 32-bit ordered scores, lowest index among equal ones: the key
-                    # order), into a descending list padded with the sentinel
-                    cand = tl.where(surv, _ordered(s), _NO_SCORE)
-                    top = tl.full((BLOCK_N, KP), _SENTINEL, tl.int64)
-                    for r in range(0, most):
-                        best = tl.max(cand, axis=1)
-                        at = tl.min(tl.where(cand == best[:, None], lat[None, :], 2147483647), axis=1)
-                        key = tl.where(best == _NO_SCORE, _SENTINEL, _ordered_to_keys(best, at))
-                        top = tl.where(slots[None, :] == r, key[:, None], top)
-                        cand = tl.where(lat[None, :] == at[:, None], _NO_SCORE, cand)
-                # one merge for both branches (a copy per branch needs more registers: spills)
-                running = _fold(running, top, LOG_BN, LOG_KP)
-                tau = _gate_threshold(running, k, KP)
+            first = chunk_start + t * BLOCK_M
+            fill = _append(s0, first, M, tau, fill, group_slot, buf, GROUP_WIDTH, LATENTS, BLOCK_N, LOG_BM - 4)
+            fill = _append(s1, first + HALF, M, tau, fill, group_slot, buf, GROUP_WIDTH, LATENTS, BLOCK_N,
+                           LOG_BM - 4)
+            most = tl.max(tl.max(fill, axis=1), axis=0)
+            # a flush when a buffer might not hold the next tile's survivors, and at the chunk's end
+            # (`most` is a block-wide max: every thread takes the same branch, so the barriers are uniform).
+            # The buffers, fills and lists are global memory written by some threads of this program and
+            # read by others (the flush reads them in its own layout): each barrier (bar.sync) makes every
+            # access before it visible to every thread of the CTA after it, which the interpreter (one
+            # thread) cannot check. First: the appends, the fills and the lists' initial sentinels (or
+            # the last flush's lists) before the flush reads them. Second: the flush's list stores before
+            # _threshold reads them, and its buffer and fill reads before the next tile's appends and the
+            # next flush's fill stores overwrite them. Inside the flush each row group's list is loaded
+            # and stored back with nothing in between but its own merge (a store's value depends on the
+            # loads of its row), and different groups touch different rows.
+            if (most > FLUSH_AT) | ((t == n_tiles - 1) & (most > 0)):
+                tl.store(fills + local[:, None] * 4 + tl.arange(0, 4)[None, :], fill)
+                tl.debug_barrier()
+                _flush(buf, fills, lists, list_stride, rows_left, BLOCK_N, KP, GROUP_WIDTH, LATENTS, FLUSH_ROWS,
+                       FLUSH_COLS, LOG_KP, LOG_FR, LOG_FC)
+                tl.debug_barrier()
+                tau = _threshold(lists + local.to(tl.int64) * list_stride + (KP - k), row_ok)
+                fill = tl.zeros((BLOCK_N, 4), tl.int32)
         else:  # every tile sorted and folded (the tests' bit-for-bit baseline)
-            running = _fold(running, _tile_top(s, lat, lat_ok, LOG_BN, LOG_BM, LOG_KP, HALVES), LOG_BN, LOG_KP)
+            s = tl.reshape(tl.permute(tl.join(s0, s1), (0, 2, 1)), [BLOCK_N, BLOCK_M])
+            lat = tl.reshape(tl.permute(tl.join(lat0, lat1), (1, 0)), [BLOCK_M])
+            keys = tl.where(lat[None, :] < M, _scores_to_keys(s, lat[None, :]), _SENTINEL)
+            running = _fold(running, _topk_desc(keys, LOG_BN, LOG_BM, LOG_KP, True), LOG_BN, LOG_KP)
 
-    # the list's row offsets recomputed here rather than kept live through the tile loop
-    first = (tl.program_id(0) // n_chunks).to(tl.int64) * BLOCK_N
-    out_rows = first + tl.arange(0, BLOCK_N)
-    out = keys_ptr + (out_rows[:, None] * n_chunks + (tl.program_id(0) % n_chunks)) * KP + slots[None, :]
-    tl.store(out, running, mask=out_rows[:, None] < N)
+    if not GATE:
+        out = lists + tl.arange(0, BLOCK_N).to(tl.int64)[:, None] * list_stride + slots[None, :]
+        tl.store(out, running, mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["N", "n_chunks", "k"])
@@ -316,17 +457,23 @@ def _merge_kernel(
 @dataclass(frozen=True)
 class Config:
     BLOCK_N: int
-    BLOCK_M: int
+    BLOCK_M: int  # the tile's latents: two column halves of BLOCK_M / 2
     BLOCK_K: int
     num_warps: int
     num_stages: int
-    HALVES: bool = False  # sort a full tile in two column halves (_tile_top)
+    FLUSH_AT: int = 16  # flush the candidate buffers when one holds more than this many
+    FLUSH_ROWS: int = 16  # rows per step of a flush (at most BLOCK_N)
+    FLUSH_COLS: int = 32  # candidates per row per step of a flush (at least KP)
+
+    def flush_shape(self, kp: int) -> tuple[int, int]:
+        return min(self.FLUSH_ROWS, self.BLOCK_N), max(self.FLUSH_COLS, kp)
+
+    def buffer_words(self) -> int:
+        """int32 words of one program's candidate buffers (a row's four groups of FLUSH_AT + BLOCK_M / 4 + 1
+        slots, each a score's bits and a latent) and their fills [BLOCK_N, 4]."""
+        return self.BLOCK_N * 4 * (2 * (self.FLUSH_AT + self.BLOCK_M // 4 + 1) + 1)
 
 
-# S: a tile whose rows each have at most this many survivors of the gate is inserted by (at most) S
-# rounds of a row max and one short merge instead of a full sort. 8, not 4: by the compiled code every
-# extract round up to ~14-21 costs less than the full sort (benchmarks/TRITON_NOTES_encode.md)
-EXTRACT_MAX = 8
 _MERGE_BLOCK_N = {16: 32, 32: 32, 64: 16, 128: 8}
 _MERGE_WARPS = 4
 
@@ -343,20 +490,12 @@ def _kp(k: int) -> int:
 def _config(dtype: torch.dtype, kp: int, arch: int = 90) -> Config:
     """Block sizes for H100/H200 (``arch`` 90) and A100 (80)-class GPUs, chosen from the compiled code
     (registers, spills and instruction counts of the variant a launch compiles, benchmarks/static_cost.py),
-    not from timings: the largest tiles whose launched variant compiles without spills (128 x 128 does
-    not fit at KP <= 32 with the gate: 255 registers and 8-440 bytes of spills). fp32 inputs (fp32 FMAs,
-    never TF32; not the speed target) take smaller tiles, spill-free too."""
+    not from timings. The running lists live in memory, not registers, so the tile no longer depends on
+    KP: 128 x 256 (two 128-latent halves) on sm_90a, 128 x 128 on sm_80; fp32 inputs (fp32 FMAs, never
+    TF32; not the speed target) 32 x 128. Every launched variant compiles without spills (tested)."""
     if dtype == torch.float32:
-        if kp <= 32:
-            return Config(64, 64, 32, 8, 3)
-        if kp == 64:
-            return Config(32, 64, 32, 8, 3)
-        return Config(16, 128, 32, 8, 3)  # 32 rows spill 24-32 bytes
-    if kp <= 32:
-        return Config(128, 64, 32, 8, 3) if arch >= 90 else Config(64, 64, 32, 8, 3)
-    if kp == 64:
-        return Config(64, 64, 64, 8, 3)
-    return Config(32, 128, 64, 8, 3)
+        return Config(32, 128, 32, 8, 3)  # 64 x 128 spills 24 bytes at KP >= 32 on sm_90a
+    return Config(128, 256, 32, 8, 4) if arch >= 90 else Config(128, 128, 32, 8, 4)
 
 
 def _arch(device: torch.device) -> int:
@@ -398,16 +537,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _partial_constexprs(x_dtype: torch.dtype, kp: int, cfg: Config, gate: bool) -> dict:
+    fr, fc = cfg.flush_shape(kp)
+    return {"IEEE": x_dtype == torch.float32, "KP": kp, "BLOCK_N": cfg.BLOCK_N, "BLOCK_M": cfg.BLOCK_M,
+            "BLOCK_K": cfg.BLOCK_K, "LOG_KP": _log2(kp), "LOG_BN": _log2(cfg.BLOCK_N), "LOG_BM": _log2(cfg.BLOCK_M),
+            "GATE": gate, "FLUSH_AT": cfg.FLUSH_AT, "FLUSH_ROWS": fr, "FLUSH_COLS": fc, "LOG_FR": _log2(fr),
+            "LOG_FC": _log2(fc)}
+
+
+def _candidate_buffers(words: int, device: torch.device) -> torch.Tensor:
+    """The gate's scratch (every program's candidate buffers and fills, ``Config.buffer_words`` each):
+    uninitialised, the kernel writes each slot before it reads it. O(programs x BLOCK_N x BLOCK_M)."""
+    return torch.empty(words, dtype=torch.int32, device=device)
+
+
 def _launch_partial(x, W, b, t, keys, k, binary, cfg: Config, tiles_per_chunk: int, n_chunks: int, gate: bool = True):
     """The GEMM + running top-k kernel (``t`` is theta, or any float32 [M] tensor when not binary)."""
     N, D = x.shape
     kp = keys.shape[2]
-    _encode_partial_kernel[(triton.cdiv(N, cfg.BLOCK_N) * n_chunks,)](
-        x, W, b, t, keys, N, W.shape[0], D, k, tiles_per_chunk, n_chunks, int(binary),
-        IEEE=x.dtype == torch.float32, KP=kp,
-        BLOCK_N=cfg.BLOCK_N, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
-        LOG_KP=_log2(kp), LOG_BN=_log2(cfg.BLOCK_N), LOG_BM=_log2(cfg.BLOCK_M), GATE=gate, EXTRACT=EXTRACT_MAX,
-        HALVES=cfg.HALVES, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    programs = triton.cdiv(N, cfg.BLOCK_N) * n_chunks
+    buf = _candidate_buffers(programs * cfg.buffer_words() if gate else 1, x.device)
+    _encode_partial_kernel[(programs,)](
+        x, W, b, t, keys, buf, N, W.shape[0], D, k, tiles_per_chunk, n_chunks, int(binary),
+        **_partial_constexprs(x.dtype, kp, cfg, gate), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -553,11 +705,9 @@ def _partial_spec(dtype: torch.dtype, kp: int, arch: int = 90, gate: bool = True
     cfg = _config(dtype, kp, arch)
     name = _DTYPE_ARG[dtype]
     sig = {"x_ptr": f"*{name}", "w_ptr": f"*{name}", "b_ptr": "*fp32", "t_ptr": "*fp32", "keys_ptr": "*i64",
-           "N": "i32", "M": "i32", "D": "i32", "k": "i32", "tiles_per_chunk": "i32", "n_chunks": "i32",
+           "buf_ptr": "*i32", "N": "i32", "M": "i32", "D": "i32", "k": "i32", "tiles_per_chunk": "i32", "n_chunks": "i32",
            "binary": "i32"}
-    cx = {"IEEE": dtype == torch.float32, "KP": kp, "BLOCK_N": cfg.BLOCK_N, "BLOCK_M": cfg.BLOCK_M,
-          "BLOCK_K": cfg.BLOCK_K, "LOG_KP": _log2(kp), "LOG_BN": _log2(cfg.BLOCK_N), "LOG_BM": _log2(cfg.BLOCK_M),
-          "GATE": gate, "EXTRACT": EXTRACT_MAX, "HALVES": cfg.HALVES}
+    cx = _partial_constexprs(dtype, kp, cfg, gate)
     sig.update({c: "constexpr" for c in cx})
     return _encode_partial_kernel, sig, cx, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
