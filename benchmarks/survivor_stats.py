@@ -36,7 +36,7 @@ SENTINEL = -(2**63 - 1)
 
 
 def _tau(running: torch.Tensor, k: int, kp: int) -> torch.Tensor:
-    """As encode._threshold: the float score of the k-th best key, -inf for the sentinel, +inf for a NaN."""
+    """As encode._threshold: the float score of the k-th best key, NaN for the sentinel (all pass), +inf for a NaN."""
     kth = running[:, kp - k]
     score, _ = enc._torch_decode(kth.unsqueeze(1))
     score = score.squeeze(1)
@@ -168,7 +168,7 @@ def real_scores(run: Path, n_tokens: int, device: str = "cpu") -> tuple[dict, di
     with capture(model, ["layers.9.mlp"]) as store:
         for i in range(0, tokens.shape[0], 8):
             run_to_hooks(model, tokens[i:i + 8])
-            xs.append(store["layers.9.mlp"][0].float())
+            xs.append(store["layers.9.mlp"][0].float().flatten(0, -2))  # [batch, seq, d] -> [tokens, d]
     x = torch.cat(xs)[:n_tokens]
     out, facts = {}, {"model": label, "hookpoint": "layers.9.mlp (input)", "tokens": int(x.shape[0]), "d": int(x.shape[1])}
     for variant in ("binary", "topk"):
