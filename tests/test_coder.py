@@ -133,6 +133,20 @@ def dense_auxk(c, x, y, dead):
     return min(n_dead / half, 1.0) * (e_hat - e).square().sum() / (y - y.mean(0)).square().sum()
 
 
+def assert_same_gradients(c, loss, expected):
+    """The gradients of two scalars for every parameter of c (zero where one does not reach it), fp32
+    tolerance; returns {name: gradient of loss}."""
+    names, params = zip(*c.named_parameters())
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+    want = torch.autograd.grad(expected, params, allow_unused=True)
+    out = {}
+    for name, p, a, b in zip(names, params, got, want):
+        out[name] = torch.zeros_like(p) if a is None else a
+        torch.testing.assert_close(out[name], torch.zeros_like(p) if b is None else b, rtol=1e-4, atol=1e-6,
+                                   msg=name)
+    return out
+
+
 def dense_multi_topk_fvu(c, x, y):
     """The FVU of the coder's whole prediction with 4k latents, from dense [N, M] matrices: per token the
     top binary_k(4k) binary latents by z = pre - theta (act 1[z > 0], sigmoid STE) and the top rest of the
@@ -168,13 +182,7 @@ def test_multi_topk_fvu_matches_its_dense_definition(variant, backend):
     ours = c(x, target).multi_topk_fvu
     expected = dense_multi_topk_fvu(c, x, target)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
-    names, params = zip(*c.named_parameters())
-    g_ours = torch.autograd.grad(ours, params, allow_unused=True)
-    g_dense = torch.autograd.grad(expected, params, allow_unused=True)
-    for name, p, a, b in zip(names, params, g_ours, g_dense):
-        a = torch.zeros_like(p) if a is None else a
-        b = torch.zeros_like(p) if b is None else b
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_gradients(c, ours, expected)
 
 
 def randomised(variant, **kw):
@@ -216,15 +224,8 @@ def test_auxk_matches_its_dense_definition(case, backend):
     expected = dense_auxk(c, x, target, dead)
     assert expected > 0
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
-    names, params = zip(*c.named_parameters())
-    g_ours = torch.autograd.grad(ours, params, allow_unused=True)
-    g_dense = torch.autograd.grad(expected, params, allow_unused=True)
-    for name, p, a, b in zip(names, params, g_ours, g_dense):
-        a = torch.zeros_like(p) if a is None else a
-        b = torch.zeros_like(p) if b is None else b
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    g = assert_same_gradients(c, ours, expected)
     # AuxK trains the dead latents' encoder and decoder rows, never a live latent's
-    g = dict(zip(names, g_ours))
     for name in ("encoder.weight", "W_dec"):
         assert g[name][~dead].abs().sum() == 0 and g[name][dead].abs().sum() > 0, name
 
