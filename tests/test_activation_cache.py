@@ -83,18 +83,27 @@ def test_cache_holds_the_trainers_sequences_and_their_activations(setup, fp32_ca
     assert torch.equal(acts_some["layers.1.mlp"][0], full[some].reshape(-1, 16))
 
 
-def test_cache_resumes_after_a_crash_and_refuses_to_mix(setup, fp32_cache, tmp_path, monkeypatch, capsys):
+def crash_on_shard(monkeypatch, n):
+    """The cache's n-th shard write raises KeyboardInterrupt (a killed process); returns the real
+    save_file, to put back."""
     import binsparse_kernels.activation_cache as ac
 
     real, calls = ac.save_file, []
 
-    def crash_on_third(tensors, filename, metadata=None):
+    def crash(tensors, filename, metadata=None):
         calls.append(filename)
-        if len(calls) == 3:
+        if len(calls) == n:
             raise KeyboardInterrupt("killed")
         real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(ac, "save_file", crash_on_third)
+    monkeypatch.setattr(ac, "save_file", crash)
+    return real
+
+
+def test_cache_resumes_after_a_crash_and_refuses_to_mix(setup, fp32_cache, tmp_path, monkeypatch, capsys):
+    import binsparse_kernels.activation_cache as ac
+
+    real = crash_on_shard(monkeypatch, 3)
     out = tmp_path / "c"
     with pytest.raises(KeyboardInterrupt):
         build_cache(cache_cfg(setup), out, log=lambda *_: None)
@@ -245,15 +254,7 @@ def test_an_unfinished_cache_is_not_continued_on_changed_data(setup, tmp_path, m
 
     text = tmp_path / "text.txt"
     text.write_text(synthetic_text(800, seed=3))
-    real, calls = ac.save_file, []
-
-    def crash_on_second(tensors, filename, metadata=None):
-        calls.append(filename)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        real(tensors, filename, metadata=metadata)
-
-    monkeypatch.setattr(ac, "save_file", crash_on_second)
+    real = crash_on_shard(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         build_cache(cache_cfg(setup, dataset=str(text)), tmp_path / "c", log=lambda *_: None)
     monkeypatch.setattr(ac, "save_file", real)
