@@ -88,6 +88,33 @@ def test_decode_forward_matches_reference(shape, dtype, binary, with_b_dec):
     assert_same(got, ref, k + 1)
 
 
+@pytest.mark.parametrize("acts_dtype,w_dtype,b_dtype", [(torch.float32, torch.float32, torch.float16),
+                                                      (torch.float16, torch.float16, torch.float32),
+                                                      (torch.float16, torch.float32, torch.float16)], ids=str)
+def test_decode_forward_with_b_dec_in_another_dtype(acts_dtype, w_dtype, b_dtype, monkeypatch):
+    # b_dec is added in float32 whatever its dtype, so the launch is one of the compiled variants
+    # (aot_specs types bias_ptr *fp32): the launch's pointer types are recorded and looked up.
+    indices, acts = codes(23, 40, 6, acts_dtype, False)
+    W = torch.randn(40, 19, device=DEV).to(w_dtype)
+    b = torch.randn(19, device=DEV).to(b_dtype)
+    assert_same(sparse.decode_forward(indices, acts, W, b, False), reference.decode_forward(indices, acts, W, b, False), 7)
+    kernel, triples, launched = sparse._gather_rows_kernel, sparse._launch_triples(), []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                launched.append(({n: f"*{sparse._TY[a.dtype]}" for n, a in zip(kernel.arg_names, args)
+                                  if isinstance(a, torch.Tensor) and a.dtype in sparse._TY}, constexprs))
+            return launch
+
+    monkeypatch.setattr(sparse, "_gather_rows_kernel", Recorder())
+    sparse.decode_forward(indices, acts, W, b, False)
+    (types, constexprs), = launched
+    assert types["bias_ptr"] == "*fp32"
+    assert any(fn is kernel and all(t[n] == ty for n, ty in types.items()) and cx == constexprs
+               for fn, t, cx in triples)
+
+
 @pytest.mark.parametrize("dtype,eps", [(torch.float16, 2.0**-12)], ids=str)
 def test_weights_of_another_dtype_are_rounded_to_the_compute_dtype(dtype, eps):
     # W holds 1 + eps (exact in fp32, rounds to 1 in `dtype`) and -1: every op sees the difference.

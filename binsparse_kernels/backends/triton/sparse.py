@@ -425,7 +425,9 @@ def decode_forward(indices, acts, W_dec, b_dec, binary: bool):
     out = torch.empty(N, d, dtype=acts.dtype, device=acts.device)
     with _device(acts):
         return _gather(indices.contiguous(), acts.contiguous(), W_dec.contiguous(),
-                       b_dec.contiguous() if b_dec is not None else None, out, _round_code(acts.dtype), binary)
+                       # float32, exactly as the kernel adds it: one compiled variant whatever b_dec's dtype
+                       b_dec.to(torch.float32).contiguous() if b_dec is not None else None, out,
+                       _round_code(acts.dtype), binary)
 
 
 def decode_backward(grad_y, indices, acts, W_dec, binary: bool, need_acts: bool, need_W: bool):
@@ -534,13 +536,13 @@ def _launch_triples():
     """Every (kernel, type dict, constexpr dict) the wrappers can launch (the exhaustive list)."""
     blocks = [(_block_t(bd), bd) for bd in sorted(_BLOCK_DS)]
     out = []
-    # decode forward: acts dtype a (output and rounding), weights and bias any float
+    # decode forward: acts dtype a (output and rounding), weights any float, bias float32 (decode_forward)
     for a in _FLOATS:
         for w in _FLOATS:
             for binary in (False, True):
                 for has_bias in (False, True):
                     types = {"idx_ptr": "*i64", "a_ptr": f"*{_TY[a]}", "w_ptr": f"*{_TY[w]}",
-                             "bias_ptr": f"*{_TY[w] if has_bias else _TY[a]}", "out_ptr": f"*{_TY[a]}"}
+                             "bias_ptr": "*fp32" if has_bias else f"*{_TY[a]}", "out_ptr": f"*{_TY[a]}"}
                     for bt, bd in blocks:
                         out.append((_gather_rows_kernel, types, dict(BLOCK_T=bt, BLOCK_D=bd, ROUND=_ROUND[a],
                                                                      BINARY=binary, HAS_BIAS=has_bias)))
