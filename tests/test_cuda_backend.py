@@ -349,6 +349,12 @@ def test_opcheck_cuda_ops():
         for need in [(True, True), (True, False), (False, True)]:
             torch.library.opcheck(ops.cuda_decode_backward,
                                   (torch.randn(7, 4, device=DEV), idx, acts, Wd, binary, *need))
+    # the whole coder's backward (decoder and encoder in one pass): binary with the sigmoid STE, and TopK
+    gy = torch.randn(7, 4, device=DEV)
+    for binary, mode, need in [(True, 1, (True, True, True, True)), (True, 1, (False, True, False, True)),
+                               (False, 0, (True, False, True, False))]:
+        a = (values > 0).float() if binary else values.relu()
+        torch.library.opcheck(ops.cuda_coder_backward, (gy, g, g, idx, a, values, x, W, Wd, binary, mode, 2.0, *need))
 
 
 def _bad_calls():
