@@ -207,13 +207,15 @@ def test_opcheck(backend):
 # in their device, so the interpreter's triton is left out (its CPU tensors add nothing but time).
 @pytest.mark.parametrize("backend", [b for b in bk.available_backends()
                                      if b != "reference" and not (b == "triton" and device_for(b) == "cpu")])
-def test_torch_compile_fullgraph_matches_eager(backend):
-    # both encoders and the decode in one graph, compiled once for a dynamic number of tokens
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager(backend, compiler):
+    # both encoders and the decode in one graph, compiled once for a dynamic number of tokens, by
+    # AOTAutograd alone and by inductor (torch.compile's default: it generates code around the ops)
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     device = device_for(backend)
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounterWithBackend(compiler)
 
     def step(x, W, b, lt, Wd, bd):
         out = bk.topk_binary_encode(x, W, b, lt, 4, backend=backend)
