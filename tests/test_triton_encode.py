@@ -484,6 +484,22 @@ def test_every_kp_through_partial_and_merge_kernels(kp, wide):
         assert torch.equal(indices, ei) and torch.equal(values, ev)
 
 
+@pytest.mark.parametrize("N", [1, 17, enc.SMALL_N_ROWS, enc.SMALL_N_ROWS + 1], ids=lambda n: f"N{n}")
+def test_default_configuration_at_small_n(N):
+    # the configuration the wrapper picks for N rows of 16-bit inputs (64 x 128 up to SMALL_N_ROWS rows,
+    # 128 x 256 above; fp32's 32 x 128 does not depend on N), against the reference and bit for bit
+    # against the ungated kernel. Two tiles (odd d, a partial last tile): k = 1 binary over the wrapper's
+    # one-tile chunks (two chunks), k = KP continuous over one two-tile chunk (the gate's tau at work),
+    # k = M binary and continuous. (The first tile of a chunk appends every score: a few seconds.)
+    cfg = enc._config(torch.float16, 16, enc._arch(torch.device(DEV)), N)
+    assert cfg.BLOCK_N == (64 if N <= enc.SMALL_N_ROWS else 128)
+    torch.manual_seed(N)
+    p = make(N, 40, cfg.BLOCK_M + 77, dtype=torch.float16)
+    q = make(N, 40, 40, dtype=torch.float16)
+    for params, k, binary, per_chunk in ((p, 1, True, None), (p, 16, False, 2), (q, 40, True, None), (q, 40, False, None)):
+        check(params, k, binary, *gated_and_ungated(params, k, binary, per_chunk=per_chunk))
+
+
 def test_weight_cast_is_reused_until_the_weights_change():
     p = make(20, 16, 70, dtype=torch.float16)
     first = run(p, 5, True)
