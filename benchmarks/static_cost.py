@@ -6,7 +6,8 @@
 
 Writes benchmarks/results/static_cost_sm90.json: one ``est_ratio_to_gemm`` table (a ``backend`` per
 row: ESTIMATES, not timings) and each backend's details under ``"triton"`` / ``"cuda"``. The CUDA
-analysis and its model are benchmarks/static_cost_cuda.py's; the Triton part is below.
+analysis and its model are benchmarks/static_cost_cuda.py's; the Triton part is below. ``--only`` /
+``--arch`` recompile those dtypes / targets and keep the other Triton rows of --out.
 
 Triton: every encode configuration compiled ahead of time for sm_90a and sm_80 with the specialisation a
 launch at d = 576 gets, disassembled, and its loops found in the control-flow graph
@@ -35,6 +36,9 @@ with the rounds, flushes and column steps of every step taken from survivor_stat
 kernel's gate replayed in torch) on random-order scores of the full shape (real activations behave
 alike: benchmarks/results/survivor_stats.json), averaged over the simulated row blocks.
 The bare GEMM: 2 N M d / 790 TFLOP/s (cuBLAS bf16, as measured in the design notes).
+Small N (``"small_n"``: N = 1, 16, 64 at d = 576, M = 36864, k = 32): the same model with the replay at
+N rows (one row block, padded), for the configuration launched there, the 128-row one and the tiles
+considered and not launched (SMALL_N_CONSIDERED, compiled for bf16 KP 32 sm_90a only).
 """
 
 from __future__ import annotations

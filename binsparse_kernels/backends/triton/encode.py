@@ -499,9 +499,10 @@ def _config(dtype: torch.dtype, kp: int, arch: int, n_rows: int) -> Config:
     At most SMALL_N_ROWS rows (inference on a few tokens, small eval batches): 64 x 128, one warpgroup
     (4 warps: wgmma's 64 rows), instead of a 128-row tile whose epilogue (the gate's compares, appends
     and flushes, a cost per BLOCK_N x BLOCK_M scores) would mostly work on padding. The static model
-    (benchmarks/TRITON_NOTES_encode.md) puts it ahead of 64 x 256 (4 or 8 warps) and of 32- or 16-row
-    mma.sync tiles; 64 x 256 x 4 warps also spills at KP 64. On sm_80 its flush takes 8 rows at a time
-    (16 spill 104 bytes at KP 128). Every launched variant compiles without spills (tested)."""
+    (benchmarks/TRITON_NOTES_encode.md, "Small N") puts it ahead of 64 x 256 (4 or 8 warps; 4 warps
+    also spills at KP 64) and of 32- and 16-row tiles (mma.sync: the gate's per-row reductions cross
+    warps). On sm_80 its flush takes 8 rows at a time (16 spill 104 bytes at KP 128). Every launched
+    variant compiles without spills (tested)."""
     if dtype == torch.float32:
         return Config(32, 128, 32, 8, 3)  # 64 x 128 spills 24 bytes at KP >= 32 on sm_90a
     if n_rows <= SMALL_N_ROWS:
