@@ -149,10 +149,11 @@ def test_k_128_fused(N, d, M, k, chunks, binary):
 
 
 def test_k_128_default_configuration_fp16():
-    # the 16-bit KP = 128 configuration a GPU launches (32 x 128 tiles, BLOCK_K 64), two row blocks
-    p = make(40, 72, 300, dtype=torch.float16)
-    for binary in (True, False):
-        check(p, 128, binary, *run(p, 128, binary))
+    # the 16-bit KP = 128 configurations the wrapper launches: 40 rows (64 x 128 tiles) and 70 (128 x 256)
+    for N in (40, 70):
+        p = make(N, 72, 300, dtype=torch.float16)
+        for binary in (True, False):
+            check(p, 128, binary, *run(p, 128, binary))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
