@@ -104,7 +104,7 @@ def bench_triton_parts(x, W, b, theta, k, repeats, warmup):
     N, D = x.shape
     M = W.shape[0]
     kp = tenc._kp(k)
-    cfg = tenc._config(x.dtype, kp, tenc._arch(x.device))
+    cfg = tenc._config(x.dtype, kp, tenc._arch(x.device), N)
     per_chunk, n_chunks = tenc._n_chunks(N, M, D, x.element_size(), cfg.BLOCK_N, cfg.BLOCK_M, x.device)
     keys = torch.empty(N, n_chunks, kp, dtype=torch.int64, device="cuda")
     values = torch.empty(N, k, dtype=torch.float32, device="cuda")

@@ -6,7 +6,8 @@
 
 Writes benchmarks/results/static_cost_sm90.json: one ``est_ratio_to_gemm`` table (a ``backend`` per
 row: ESTIMATES, not timings) and each backend's details under ``"triton"`` / ``"cuda"``. The CUDA
-analysis and its model are benchmarks/static_cost_cuda.py's; the Triton part is below.
+analysis and its model are benchmarks/static_cost_cuda.py's; the Triton part is below. ``--only`` /
+``--arch`` recompile those dtypes / targets and keep the other Triton rows of --out.
 
 Triton: every encode configuration compiled ahead of time for sm_90a and sm_80 with the specialisation a
 launch at d = 576 gets, disassembled, and its loops found in the control-flow graph
@@ -29,16 +30,21 @@ below): per (row block, tile) step one CTA per SM runs its MMA phase, then its e
                load: per row group 2 + its column steps (the fills and the list, then each step's
                candidates; conservative), one for tau after]
                + a fixed exposed latency per tile (the next tile's loads start after the epilogue)
-    time     = waves x sum over the chunk's steps of (mma_clk + epi_clk) / clock + merge kernel
+    time     = programs per SM x sum over the chunk's steps of (mma_clk + epi_clk) / clock + merge kernel
+               (CTAs sharing an SM run one after the other: no overlap)
 with the rounds, flushes and column steps of every step taken from survivor_stats.simulate (the
 kernel's gate replayed in torch) on random-order scores of the full shape (real activations behave
 alike: benchmarks/results/survivor_stats.json), averaged over the simulated row blocks.
 The bare GEMM: 2 N M d / 790 TFLOP/s (cuBLAS bf16, as measured in the design notes).
+Small N (``"small_n"``: N = 1, 16, 64 at d = 576, M = 36864, k = 32): the same model with the replay at
+N rows (one row block, padded), for the configuration launched there, the 128-row one and the tiles
+considered and not launched (SMALL_N_CONSIDERED, compiled for bf16 KP 32 sm_90a only).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -113,10 +119,9 @@ def analyse(job) -> dict:
     import sass
     from binsparse_kernels.backends.triton import encode as enc
 
-    dtype_name, kp, arch, gate = job
+    dtype_name, kp, arch, gate, cfg = job
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
-    fn, sig, cx, opts = enc._partial_spec(dtype, kp, arch, gate=gate)
-    cfg = enc._config(dtype, kp, arch)
+    fn, sig, cx, opts = enc._partial_spec(dtype, kp, cfg, gate=gate)
     lsig, lcx, attrs = enc.launch_variant(fn, sig, cx, d=576)
     cubin, shared = sass.compile_triton(fn, lsig, lcx, arch, attrs, opts)
     res = sass.resources(cubin)[KERNEL]
@@ -126,6 +131,7 @@ def analyse(job) -> dict:
     warps = opts["num_warps"]
     fr, fc = cfg.flush_shape(kp)
     out = {"dtype": dtype_name, "KP": kp, "arch": f"sm_{arch}" + ("a" if arch == 90 else ""), "gated": gate,
+           "config": dataclasses.asdict(cfg),
            "BLOCK_N": cfg.BLOCK_N, "BLOCK_M": cfg.BLOCK_M, "BLOCK_K": cfg.BLOCK_K, "num_warps": warps,
            "num_stages": cfg.num_stages, "FLUSH_AT": cfg.FLUSH_AT, "FLUSH_ROWS": fr, "FLUSH_COLS": fc,
            "launch_variant": {"registers": res["registers"], "stack_bytes": res["stack"], "spill_instructions":
@@ -169,25 +175,25 @@ class _H100Device:
     type = "cpu"  # encode._device_facts gives an H100's SM count and L2 size for a non-CUDA device
 
 
-def replay(d: int, M: int, k: int, row: dict, rows: int, seed: int = 0) -> dict:
-    """survivor_stats.simulate on random-order scores: one chunk of the shape as launched at N_TOKENS
-    (`rows` rows, i.e. rows / BLOCK_N row blocks; the thresholds depend on ranks only, so any
-    continuous distribution gives the same statistics)."""
+def replay(d: int, M: int, k: int, row: dict, rows: int, seed: int = 0, n: int = N_TOKENS) -> dict:
+    """survivor_stats.simulate on random-order scores: one chunk of the shape as launched at n rows
+    (`rows` rows, i.e. rows / BLOCK_N row blocks, padded to a whole block; the thresholds depend on
+    ranks only, so any continuous distribution gives the same statistics)."""
     import torch
 
     import survivor_stats as ss
     from binsparse_kernels.backends.triton import encode as enc
 
     bn, bm = row["BLOCK_N"], row["BLOCK_M"]
-    per_chunk, chunks = enc._n_chunks(N_TOKENS, M, d, 2, bn, bm, _H100Device())
+    per_chunk, chunks = enc._n_chunks(n, M, d, 2, bn, bm, _H100Device())
     z = torch.randn(rows, min(M, per_chunk * bm), generator=torch.Generator().manual_seed(seed))
     sim = ss.simulate(z, k, bn, bm, per_chunk, flush_at=row["FLUSH_AT"], flush_rows=row["FLUSH_ROWS"])
     sim.update(per_chunk=per_chunk, chunks=chunks)
     return sim
 
 
-def estimate(row: dict, d: int, M: int, k: int, sim: dict) -> dict:
-    """The model in the module docstring, for one 16-bit configuration at (N_TOKENS, d, M, k)."""
+def estimate(row: dict, d: int, M: int, k: int, sim: dict, n: int = N_TOKENS) -> dict:
+    """The model in the module docstring, for one 16-bit configuration at (n, d, M, k)."""
     import sass
     import triton
 
@@ -229,15 +235,14 @@ def estimate(row: dict, d: int, M: int, k: int, sim: dict) -> dict:
             total += mma_clk + epi + H100["tile_latency_clk"]
     steps = int((rounds[:, 0, :, 0] >= 0).sum())
     per_block = total / blocks
-    programs = triton.cdiv(N_TOKENS, bn) * sim["chunks"]
-    ctas = max(1, row["launch_variant"]["ctas_per_sm"])
-    waves = triton.cdiv(programs, H100["sms"] * ctas)
-    t_ms = waves * ctas * per_block / clk * 1e3
-    merge_ms = N_TOKENS * sim["chunks"] * enc._kp(k) * 8 / 2.5e12 * 1e3 + 0.005
-    gemm_ms = 2 * N_TOKENS * M * d / (H100["gemm_tflops"] * 1e12) * 1e3
+    programs = triton.cdiv(n, bn) * sim["chunks"]
+    per_sm = triton.cdiv(programs, H100["sms"])  # run one after the other, even where CTAs share an SM
+    t_ms = per_sm * per_block / clk * 1e3
+    merge_ms = n * sim["chunks"] * enc._kp(k) * 8 / 2.5e12 * 1e3 + 0.005
+    gemm_ms = 2 * n * M * d / (H100["gemm_tflops"] * 1e12) * 1e3
     total_ms = t_ms + merge_ms
-    return {"d": d, "M": M, "N": N_TOKENS, "k": k, "dtype": "bf16", "BLOCK_N": bn, "BLOCK_M": bm,
-            "chunks": sim["chunks"], "tiles_per_chunk": sim["per_chunk"], "waves": waves,
+    return {"d": d, "M": M, "N": n, "k": k, "dtype": "bf16", "BLOCK_N": bn, "BLOCK_M": bm,
+            "chunks": sim["chunks"], "tiles_per_chunk": sim["per_chunk"], "programs_per_sm": per_sm,
             "tensor_clk_per_tile": round(tensor_clk), "l2_clk_per_tile": round(l2_clk),
             "mean_epilogue_clk_per_tile": round(epi_total / steps), "exposed_latency_clk_per_tile": H100["tile_latency_clk"],
             "steps_with_flush": round(float(flush[rounds[..., 0] >= 0].float().mean()), 4),
@@ -246,28 +251,66 @@ def estimate(row: dict, d: int, M: int, k: int, sim: dict) -> dict:
             "est_ratio_to_gemm": round(total_ms / gemm_ms, 2), "label": "ESTIMATE (static model), not a timing"}
 
 
+# Small N (few tokens): the launched configuration against the 128-row one, and tiles considered and
+# not launched (compiled for bf16, KP 32, sm_90a only, as evidence for the choice)
+SMALL_N_CASES = [(1, 576, 36864, 32), (16, 576, 36864, 32), (64, 576, 36864, 32)]
+SMALL_N_CONSIDERED = [(64, 256, 32, 4, 4), (64, 256, 32, 8, 4), (32, 256, 32, 4, 4), (16, 256, 32, 4, 4)]  # BLOCK_N,
+# BLOCK_M, BLOCK_K, warps, stages (64 x 256 x 4 warps spills 8 bytes at KP 64; 16 x 256: no per-part counts)
+
+
+def row_classes(dtype, kp: int, arch: int, cfg) -> str:
+    """The row counts that _config gives ``cfg`` for ("N <= 64", "N > 64", "any N"), or "not launched"."""
+    from binsparse_kernels.backends.triton import encode as enc
+
+    small = enc._config(dtype, kp, arch, enc.SMALL_N_ROWS) == cfg
+    large = enc._config(dtype, kp, arch, enc.SMALL_N_ROWS + 1) == cfg
+    n = enc.SMALL_N_ROWS
+    return {(True, True): "any N", (True, False): f"N <= {n}", (False, True): f"N > {n}"}.get((small, large), "not launched")
+
+
+def _config_row(rows: list, dtype: str, kp: int, arch: int, cfg) -> dict | None:
+    tag = f"sm_{arch}" + ("a" if arch == 90 else "")
+    return next((r for r in rows if (r["dtype"], r["KP"], r["arch"], r.get("config")) ==
+                 (dtype, kp, tag, dataclasses.asdict(cfg))), None)
+
+
 def triton_part(args) -> dict:
-    """Compile, count and estimate the Triton encode: the document's "triton" part."""
+    """Compile, count and estimate the Triton encode: the document's "triton" part. Compiles the dtypes
+    and archs asked for (every configuration ``encode._config`` launches for them, plus the small-N
+    tiles considered); the rows of the others are kept from --out."""
+    import torch
+
+    from binsparse_kernels.backends.triton import encode as enc
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtypes = args.only or ["bf16", "fp16", "fp32"]
-    jobs = [(dt, kp, arch, True) for arch in args.arch for dt in dtypes for kp in (16, 32, 64, 128)]
+    old = json.loads(args.out.read_text()).get("triton") if args.out.exists() else None
+    jobs = [(dt, kp, arch, True, cfg) for arch in args.arch for dt in dtypes for kp in (16, 32, 64, 128)
+            for cfg in enc._configs(torch_dtype[dt], kp, arch)]
+    if "bf16" in dtypes and 90 in args.arch:
+        jobs += [("bf16", 32, 90, True, enc.Config(*c)) for c in SMALL_N_CONSIDERED]
     if args.reuse:
-        rows = json.loads(args.out.read_text())["triton"]["configs"]
+        rows = old["configs"]
     else:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             rows = list(pool.map(analyse, jobs))
+        redone = {(r["dtype"], r["arch"]) for r in rows}
+        rows += [r for r in (old or {}).get("configs", []) if (r["dtype"], r["arch"]) not in redone]
     for r in rows:
+        arch = int(r["arch"][3:5])
+        r["launched_for"] = row_classes(torch_dtype[r["dtype"]], r["KP"], arch, enc.Config(**r["config"]))
         lv, pw = r["launch_variant"], r["per_warp"]
-        print(f"{r['dtype']} KP={r['KP']} {r['arch']}: {r['BLOCK_N']}x{r['BLOCK_M']}x{r['BLOCK_K']} "
+        print(f"{r['dtype']} KP={r['KP']} {r['arch']} ({r['launched_for']}): {r['BLOCK_N']}x{r['BLOCK_M']}x{r['BLOCK_K']} "
+              f"{r['num_warps']} warps {r['num_stages']} stages: "
               f"regs {lv['registers']} stack {lv['stack_bytes']} smem {lv['shared_bytes']} ctas/SM {lv['ctas_per_sm']}; "
               + (f"int+shfl per score: append {pw['append']['int_plus_shuffle_per_score']}, "
                  f"round {pw['round']['int_plus_shuffle_per_score']}" if "append" in pw else
                  "flush loops not nested in the tile loop by the CFG reading: no per-part counts"), flush=True)
-    sm90 = {(r["dtype"], r["KP"]): r for r in rows if r["arch"] == "sm_90a"}
+    bf16 = torch.bfloat16
     estimates = []
-    from binsparse_kernels.backends.triton import encode as enc
     for d, M in SHAPES:
         for k in KS:
-            row = sm90.get(("bf16", enc._kp(k)))
+            row = _config_row(rows, "bf16", enc._kp(k), 90, enc._config(bf16, enc._kp(k), 90, N_TOKENS))
             if row is None:
                 continue
             est = estimate(row, d, M, k, replay(d, M, k, row, args.rows))
@@ -276,12 +319,34 @@ def triton_part(args) -> dict:
                   f"{est['est_ratio_to_gemm']}x (epilogue {est['mean_epilogue_clk_per_tile']} clk/tile, MMA "
                   f"{max(est['tensor_clk_per_tile'], est['l2_clk_per_tile'])}, flush on {est['steps_with_flush']} "
                   f"of the steps, {est['mean_rounds_per_half']} rounds per half)", flush=True)
+    small_n = []
+    for n, d, M, k in SMALL_N_CASES:
+        kp = enc._kp(k)
+        tiles = {"launched": enc._config(bf16, kp, 90, n), "128-row": enc._config(bf16, kp, 90, N_TOKENS)}
+        tiles.update({f"{c[0]}x{c[1]}, {c[3]} warps, {c[4]} stages (not launched)": enc.Config(*c) for c in SMALL_N_CONSIDERED})
+        case = {"N": n, "d": d, "M": M, "k": k, "dtype": "bf16", "label": "ESTIMATE (static model), not a timing"}
+        for name, cfg in tiles.items():
+            row = _config_row(rows, "bf16", kp, 90, cfg)
+            if row is None or "append" not in row["per_warp"]:  # not compiled, or no per-part counts
+                continue
+            est = estimate(row, d, M, k, replay(d, M, k, row, n, n=n), n=n)
+            case[name] = {key: est[key] for key in ("BLOCK_N", "BLOCK_M", "chunks", "tiles_per_chunk", "programs_per_sm",
+                                                    "tensor_clk_per_tile", "l2_clk_per_tile", "mean_epilogue_clk_per_tile",
+                                                    "steps_with_flush", "mean_rounds_per_half", "est_encode_ms")}
+            case[name]["num_warps"] = cfg.num_warps
+        if "launched" in case and "128-row" in case:
+            case["est_ratio_launched_to_128_row"] = round(case["launched"]["est_encode_ms"] / case["128-row"]["est_encode_ms"], 2)
+        small_n.append(case)
+        print(f"ESTIMATE N={n} d={d} M={M} k={k}: " + ", ".join(
+            f"{name} {v['BLOCK_N']}x{v['BLOCK_M']}: epilogue {v['mean_epilogue_clk_per_tile']} clk/tile, MMA "
+            f"{max(v['tensor_clk_per_tile'], v['l2_clk_per_tile'])}, {v['est_encode_ms']} ms"
+            for name, v in case.items() if isinstance(v, dict)), flush=True)
     import sass
     import triton
     return {"compiled_with": f"triton {triton.__version__}, disassembled with nvdisasm",
             "assumed_h100": H100, "assumed_issue_rates_warp_instr_per_clk_per_sm": sass.RATES,
             "model": __doc__.split("The model that turns counts into time")[1].strip(),
-            "configs": rows, "estimates": estimates}
+            "configs": rows, "estimates": estimates, "small_n": small_n}
 
 
 def summary_row(backend: str, est: dict) -> dict:

@@ -149,10 +149,11 @@ def test_k_128_fused(N, d, M, k, chunks, binary):
 
 
 def test_k_128_default_configuration_fp16():
-    # the 16-bit KP = 128 configuration a GPU launches (32 x 128 tiles, BLOCK_K 64), two row blocks
-    p = make(40, 72, 300, dtype=torch.float16)
-    for binary in (True, False):
-        check(p, 128, binary, *run(p, 128, binary))
+    # the 16-bit KP = 128 configurations the wrapper launches: 40 rows (64 x 128 tiles) and 70 (128 x 256)
+    for N in (40, 70):
+        p = make(N, 72, 300, dtype=torch.float16)
+        for binary in (True, False):
+            check(p, 128, binary, *run(p, 128, binary))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -484,6 +485,22 @@ def test_every_kp_through_partial_and_merge_kernels(kp, wide):
         assert torch.equal(indices, ei) and torch.equal(values, ev)
 
 
+@pytest.mark.parametrize("N", [1, 17, enc.SMALL_N_ROWS, enc.SMALL_N_ROWS + 1], ids=lambda n: f"N{n}")
+def test_default_configuration_at_small_n(N):
+    # the configuration the wrapper picks for N rows of 16-bit inputs (64 x 128 up to SMALL_N_ROWS rows,
+    # 128 x 256 above; fp32's 32 x 128 does not depend on N), against the reference and bit for bit
+    # against the ungated kernel. Two tiles (odd d, a partial last tile): k = 1 binary over the wrapper's
+    # one-tile chunks (two chunks), k = KP continuous over one two-tile chunk (the gate's tau at work),
+    # k = M binary and continuous. (The first tile of a chunk appends every score: a few seconds.)
+    cfg = enc._config(torch.float16, 16, enc._arch(torch.device(DEV)), N)
+    assert cfg.BLOCK_N == (64 if N <= enc.SMALL_N_ROWS else 128)
+    torch.manual_seed(N)
+    p = make(N, 40, cfg.BLOCK_M + 77, dtype=torch.float16)
+    q = make(N, 40, 40, dtype=torch.float16)
+    for params, k, binary, per_chunk in ((p, 1, True, None), (p, 16, False, 2), (q, 40, True, None), (q, 40, False, None)):
+        check(params, k, binary, *gated_and_ungated(params, k, binary, per_chunk=per_chunk))
+
+
 def test_weight_cast_is_reused_until_the_weights_change():
     p = make(20, 16, 70, dtype=torch.float16)
     first = run(p, 5, True)
@@ -508,8 +525,8 @@ def test_empty_rows():
 @pytest.mark.parametrize("N,M", [(1, 100_000), (70, 300), (16384, 36864), (16384, 131072), (5, 3)], ids=str)
 @pytest.mark.parametrize("d", [576, 2048])
 def test_chunking_covers_every_tile_once(N, M, d):
-    for kp in (16, 32, 64, 128):
-        cfg = enc._config(torch.bfloat16, kp)
+    for kp, arch in ((kp, arch) for kp in (16, 32, 64, 128) for arch in (90, 80)):
+        cfg = enc._config(torch.bfloat16, kp, arch, N)
         per_chunk, n_chunks = enc._n_chunks(N, M, d, 2, cfg.BLOCK_N, cfg.BLOCK_M, torch.device("cpu"))
         tiles = -(-M // cfg.BLOCK_M)
         assert per_chunk >= 1 and n_chunks >= 1
@@ -520,13 +537,14 @@ def test_chunking_covers_every_tile_once(N, M, d):
 def test_chunk_count_keeps_a_waves_x_in_l2():
     # (H100 facts on the CPU: 132 SMs, 50 MB L2) one chunk at d = 576 (x of a wave: 19 MB), more at
     # d = 2048 so that a wave's row blocks of x fit in half the L2; small N: enough programs for the SMs
-    cfg = enc._config(torch.bfloat16, 32)
+    cfg = enc._config(torch.bfloat16, 32, 90, 16384)
     cpu = torch.device("cpu")
     assert enc._n_chunks(16384, 36864, 576, 2, cfg.BLOCK_N, cfg.BLOCK_M, cpu)[1] == 1
     per, chunks = enc._n_chunks(16384, 131072, 2048, 2, cfg.BLOCK_N, cfg.BLOCK_M, cpu)
     assert chunks >= 3 and -(-132 // chunks) * cfg.BLOCK_N * 2048 * 2 <= 25 * 2**20
-    # small N: about one program per SM (the chunk length rounds: 98 chunks of 4 tiles here)
-    assert enc._n_chunks(64, 100_000, 576, 2, cfg.BLOCK_N, cfg.BLOCK_M, cpu)[1] >= 0.7 * 132
+    # small N: about one program per SM (the chunk length rounds: 112 chunks of 7 tiles here)
+    small = enc._config(torch.bfloat16, 32, 90, 64)
+    assert enc._n_chunks(64, 100_000, 576, 2, small.BLOCK_N, small.BLOCK_M, cpu)[1] >= 0.7 * 132
 
 
 def test_key_encoding_round_trips_and_orders():
@@ -594,7 +612,8 @@ print(json.dumps({"rows": rows, "failures": failures}))
 
 def test_aot_launches_cover_what_the_wrapper_launches(monkeypatch):
     # Record the launches the wrapper really makes (the kernels replaced by recorders, nothing runs)
-    # for every dtype, k = 1..128 and small and large N, and check each is among aot_launches().
+    # for every dtype, k = 1..128 and N on both sides of the small-N boundary (the wrapper picks the
+    # configuration), and check each is among aot_launches() and every entry of it is launched.
     launched = []
     specs = enc.aot_launches(90)
 
@@ -612,20 +631,26 @@ def test_aot_launches_cover_what_the_wrapper_launches(monkeypatch):
 
     monkeypatch.setattr(enc, "_encode_partial_kernel", Recorder(enc._encode_partial_kernel))
     monkeypatch.setattr(enc, "_merge_kernel", Recorder(enc._merge_kernel))
+    assert enc._arch(torch.device("cpu")) == 90
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for N in (1, 300):
+        for N in (1, enc.SMALL_N_ROWS, enc.SMALL_N_ROWS + 1, 300):
             x = torch.zeros(N, 16, dtype=dtype)
             W = torch.zeros(300, 16, dtype=dtype)
             b = torch.zeros(300)
             for k in range(1, enc.MAX_FUSED_K + 1):
-                cfg = enc._config(dtype, enc._kp(k), enc._arch(x.device))
-                enc._fused(x, W, b, b, k, True, cfg)
+                enc.encode_forward(x, W, b, b, k, True)
+    matched = set()
     for name, types, cx, opts in launched:
-        fn_types = {n: t for n, t in types.items()}
-        assert any(fn.__name__ == name and all(sig[n] == t for n, t in fn_types.items())
-                   and all(scx[c] == v for c, v in cx.items()) and sopts == opts
-                   for fn, sig, scx, sopts in specs), (name, types, cx, opts)
+        hits = [i for i, (fn, sig, scx, sopts) in enumerate(specs)
+                if fn.__name__ == name and all(sig[n] == t for n, t in types.items())
+                and all(scx[c] == v for c, v in cx.items()) and sopts == opts]
+        assert hits, (name, types, cx, opts)
+        matched.update(hits)
+    assert matched == set(range(len(specs))), [specs[i][2] for i in range(len(specs)) if i not in matched]
     assert {cx["KP"] for name, _, cx, _ in launched if name == "_merge_kernel"} == {16, 32, 64, 128}
+    small = {cx["BLOCK_N"] for name, types, cx, _ in launched if name == "_encode_partial_kernel"
+             and types["x_ptr"] != "*fp32"}
+    assert small == {64, 128}  # 16-bit inputs: 64-row tiles up to SMALL_N_ROWS rows, 128-row above
 
 
 def test_every_kernel_configuration_compiles_for_sm90_and_sm80():

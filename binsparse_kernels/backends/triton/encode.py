@@ -487,15 +487,32 @@ def _kp(k: int) -> int:
     return max(_MIN_KP, triton.next_power_of_2(k))
 
 
-def _config(dtype: torch.dtype, kp: int, arch: int = 90) -> Config:
-    """Block sizes for H100/H200 (``arch`` 90) and A100 (80)-class GPUs, chosen from the compiled code
-    (registers, spills and instruction counts of the variant a launch compiles, benchmarks/static_cost.py),
-    not from timings. The running lists live in memory, not registers, so the tile no longer depends on
-    KP: 128 x 256 (two 128-latent halves) on sm_90a, 128 x 128 on sm_80; fp32 inputs (fp32 FMAs, never
-    TF32; not the speed target) 32 x 128. Every launched variant compiles without spills (tested)."""
+SMALL_N_ROWS = 64  # at most this many rows: the small-N configuration (16-bit inputs)
+
+
+def _config(dtype: torch.dtype, kp: int, arch: int, n_rows: int) -> Config:
+    """Block sizes for H100/H200 (``arch`` 90) and A100 (80)-class GPUs and a call with ``n_rows`` rows,
+    chosen from the compiled code (registers, spills and instruction counts of the variant a launch
+    compiles, benchmarks/static_cost.py), not from timings. The running lists live in memory, not
+    registers, so the tile does not depend on KP: 128 x 256 (two 128-latent halves) on sm_90a, 128 x 128
+    on sm_80; fp32 inputs (fp32 FMAs, never TF32; not the speed target) 32 x 128.
+    At most SMALL_N_ROWS rows (inference on a few tokens, small eval batches): 64 x 128, one warpgroup
+    (4 warps: wgmma's 64 rows), instead of a 128-row tile whose epilogue (the gate's compares, appends
+    and flushes, a cost per BLOCK_N x BLOCK_M scores) would mostly work on padding. The static model
+    (benchmarks/TRITON_NOTES_encode.md, "Small N") puts it ahead of 64 x 256 (4 or 8 warps; 4 warps
+    also spills at KP 64) and of 32- and 16-row tiles (mma.sync: the gate's per-row reductions cross
+    warps). On sm_80 its flush takes 8 rows at a time (16 spill 104 bytes at KP 128). Every launched
+    variant compiles without spills (tested)."""
     if dtype == torch.float32:
         return Config(32, 128, 32, 8, 3)  # 64 x 128 spills 24 bytes at KP >= 32 on sm_90a
+    if n_rows <= SMALL_N_ROWS:
+        return Config(64, 128, 32, 4, 4) if arch >= 90 else Config(64, 128, 32, 4, 4, FLUSH_ROWS=8)
     return Config(128, 256, 32, 8, 4) if arch >= 90 else Config(128, 128, 32, 8, 4)
+
+
+def _configs(dtype: torch.dtype, kp: int, arch: int) -> list[Config]:
+    """Every configuration ``_config`` gives for some row count (one per row-count class)."""
+    return list(dict.fromkeys(_config(dtype, kp, arch, n) for n in (1, SMALL_N_ROWS + 1)))
 
 
 def _arch(device: torch.device) -> int:
@@ -692,7 +709,7 @@ def encode_forward(x, W_enc, b_enc, threshold, k: int, binary: bool, *, _config_
         theta = threshold.to(torch.float32).contiguous() if binary else None
         if k > MAX_FUSED_K or x.dtype not in _DTYPE_ARG or x.shape[1] == 0:
             return _chunked_fallback(x, W, b, theta, k, binary, _fallback_chunk)
-        cfg = _config_override or _config(x.dtype, _kp(k), _arch(x.device))
+        cfg = _config_override or _config(x.dtype, _kp(k), _arch(x.device), N)
         return _fused(x, W, b, theta, k, binary, cfg, _tiles_per_chunk, _gate)
 
 
@@ -701,8 +718,7 @@ def encode_forward(x, W_enc, b_enc, threshold, k: int, binary: bool, *, _config_
 # ------------------------------------------------------------------------------------------------
 
 
-def _partial_spec(dtype: torch.dtype, kp: int, arch: int = 90, gate: bool = True):
-    cfg = _config(dtype, kp, arch)
+def _partial_spec(dtype: torch.dtype, kp: int, cfg: Config, gate: bool = True):
     name = _DTYPE_ARG[dtype]
     sig = {"x_ptr": f"*{name}", "w_ptr": f"*{name}", "b_ptr": "*fp32", "t_ptr": "*fp32", "keys_ptr": "*i64",
            "buf_ptr": "*i32", "N": "i32", "M": "i32", "D": "i32", "k": "i32", "tiles_per_chunk": "i32", "n_chunks": "i32",
@@ -723,7 +739,8 @@ def _merge_spec(kp: int):
 
 def aot_launches(arch: int = 90):
     """Every (kernel, signature, constexprs, options) the wrapper can launch on a GPU of ``arch``."""
-    out = [_partial_spec(dtype, kp, arch) for dtype in _DTYPE_ARG for kp in (16, 32, 64, 128)]
+    out = [_partial_spec(dtype, kp, cfg) for dtype in _DTYPE_ARG for kp in (16, 32, 64, 128)
+           for cfg in _configs(dtype, kp, arch)]
     return out + [_merge_spec(kp) for kp in _MERGE_BLOCK_N]
 
 
