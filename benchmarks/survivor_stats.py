@@ -56,7 +56,8 @@ def simulate(z: torch.Tensor, k: int, block_n: int, block_m: int, tiles_per_chun
     """The gate of ``_encode_partial_kernel`` replayed on scores z [N, M] (float32), step by step: per
     (row block, chunk, tile position) the append rounds of each tile half (the block's largest group
     survivor count; a group is the four columns 8 j + 2 q + b of one q), whether the step ends in a
-    flush, and per flush each FLUSH_ROWS-row group's largest buffer fill (its flush's column steps).
+    flush, and per flush each FLUSH_ROWS-row group's largest buffer fill (its flush's column steps; -1
+    for a group past N, whose loads are masked off).
     Tensors [row blocks, chunks, tiles_per_chunk, ...], rounds -1 where there is no tile (past M). The
     thresholds are the kernel's: set at each flush from the running lists, so they depend on FLUSH_AT,
     not on anything else. The final top k is checked against torch.topk on the keys (asserted)."""
@@ -70,6 +71,7 @@ def simulate(z: torch.Tensor, k: int, block_n: int, block_m: int, tiles_per_chun
     pad = rb * block_n - N
     zp = torch.cat([z, z.new_zeros(pad, M)]) if pad else z
     row_ok = torch.arange(rb * block_n) < N
+    group_live = row_ok.view(rb, groups, -1)[:, :, 0]  # a flush visits the row groups that start below N
     rounds = torch.full((rb, n_chunks, tiles_per_chunk, 2), -1, dtype=torch.int32)
     flush = torch.zeros((rb, n_chunks, tiles_per_chunk), dtype=torch.bool)
     group_fill = torch.zeros((rb, n_chunks, tiles_per_chunk, groups), dtype=torch.int32)
@@ -99,6 +101,7 @@ def simulate(z: torch.Tensor, k: int, block_n: int, block_m: int, tiles_per_chun
             now = (most > flush_at) | ((t == n_tiles - 1) & (most > 0))
             flush[:, c, t] = now
             group_fill[:, c, t] = torch.where(now[:, None], fill.view(rb, groups, -1).amax(2), 0)
+            group_fill[:, c, t] = torch.where(group_live, group_fill[:, c, t], -1)  # groups past N: nothing loaded
             rows = now.repeat_interleave(block_n)
             running = torch.where(rows[:, None], _top(torch.cat([running, pending], 1), kp), running)
             pending = torch.where(rows[:, None], SENTINEL, pending)

@@ -282,9 +282,10 @@ def _flush(buf, fills, lists, list_stride, rows_left,
     c = tl.arange(0, FQ)[None, None, :]
     for g in range(0, BLOCK_N, FLUSH_ROWS):
         r = g + tl.arange(0, FLUSH_ROWS)
-        fill = tl.load(fills + r[:, None] * 4 + tl.arange(0, 4)[None, :])  # [FLUSH_ROWS, 4]
-        lst = lists + r.to(tl.int64)[:, None] * list_stride + slots[None, :]
         r_ok = r < rows_left
+        # [FLUSH_ROWS, 4]; rows past N buffer nothing: masked, a group of them loads nothing (no round trip)
+        fill = tl.load(fills + r[:, None] * 4 + tl.arange(0, 4)[None, :], mask=r_ok[:, None], other=0)
+        lst = lists + r.to(tl.int64)[:, None] * list_stride + slots[None, :]
         running = tl.load(lst, mask=r_ok[:, None], other=_SENTINEL)
         cand = buf + q * (GROUP_WIDTH * BLOCK_N) + r[:, None, None]
         for c0 in range(0, tl.max(tl.max(fill, axis=1), axis=0), FQ):
