@@ -224,10 +224,11 @@ def estimate(row: dict, d: int, M: int, k: int, sim: dict, n: int = N_TOKENS) ->
                 c.update(pw["flush_extra"])
                 waits = 1  # tau re-read after the flush
                 for g in group_fill[b, 0, t].tolist():
-                    steps = -(-g // fq) if g >= 0 else 0
-                    # the fills and the list, then each column step's candidates; a row group past N
-                    # (g = -1) loads nothing (masked) and runs no column step: its instructions only
-                    waits += 2 + steps if g >= 0 else 0
+                    if g < 0:  # a row group past N: its loads are masked off, its instructions count
+                        steps = 0
+                    else:
+                        steps = -(-g // fq)
+                        waits += 2 + steps  # the fills and the list, then each column step's candidates
                     for key, v in pw["flush_group"].items():
                         c[key] += v
                     for key, v in pw["flush_column"].items():

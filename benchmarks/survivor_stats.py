@@ -71,7 +71,7 @@ def simulate(z: torch.Tensor, k: int, block_n: int, block_m: int, tiles_per_chun
     pad = rb * block_n - N
     zp = torch.cat([z, z.new_zeros(pad, M)]) if pad else z
     row_ok = torch.arange(rb * block_n) < N
-    group_live = row_ok.view(rb, groups, -1)[:, :, 0]  # a flush visits the row groups that start below N
+    group_live = row_ok.view(rb, groups, -1)[:, :, 0]  # row groups holding a row below N (the rest: -1)
     rounds = torch.full((rb, n_chunks, tiles_per_chunk, 2), -1, dtype=torch.int32)
     flush = torch.zeros((rb, n_chunks, tiles_per_chunk), dtype=torch.bool)
     group_fill = torch.zeros((rb, n_chunks, tiles_per_chunk, groups), dtype=torch.int32)
@@ -100,8 +100,8 @@ def simulate(z: torch.Tensor, k: int, block_n: int, block_m: int, tiles_per_chun
             most = fill.view(rb, -1).amax(1)
             now = (most > flush_at) | ((t == n_tiles - 1) & (most > 0))
             flush[:, c, t] = now
-            group_fill[:, c, t] = torch.where(now[:, None], fill.view(rb, groups, -1).amax(2), 0)
-            group_fill[:, c, t] = torch.where(group_live, group_fill[:, c, t], -1)  # groups past N: nothing loaded
+            flushed = torch.where(now[:, None], fill.view(rb, groups, -1).amax(2), 0)
+            group_fill[:, c, t] = torch.where(group_live, flushed, -1)
             rows = now.repeat_interleave(block_n)
             running = torch.where(rows[:, None], _top(torch.cat([running, pending], 1), kp), running)
             pending = torch.where(rows[:, None], SENTINEL, pending)
